@@ -1,0 +1,14 @@
+"""Net D (16 weight layers (VGG-16)), Table 1.
+
+The paper initialises the deeper nets from a trained net A; its closing note in Sec. 3.1 says
+Glorot initialisation trains them from scratch just as well, which is the default here.
+"""
+
+from experiments import default
+
+
+def get_config():
+  config = default.get_config()
+  config.variant = 'D'
+  config.init = 'glorot'
+  return config

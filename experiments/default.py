@@ -1,0 +1,60 @@
+"""Every field of a vgg_jax experiment, once, at the paper's ImageNet settings (Sec. 3.1).
+
+Other experiment files start from `get_config()` here and override only what differs.
+"""
+
+import ml_collections
+from ml_collections import config_dict
+
+
+def get_config() -> ml_collections.ConfigDict:
+  config = ml_collections.ConfigDict()
+
+  # Model (Table 1).
+  config.variant = 'A'  # 'A', 'A-LRN', 'B', 'C', 'D' or 'E'.
+  config.num_classes = 1000
+  config.width = 1.0  # Channel multiplier; 1.0 is the paper's net.
+  config.dtype = 'float32'  # Compute dtype ('bfloat16' too); parameters stay float32.
+  config.dropout_rate = 0.5
+  config.init = 'paper'  # 'paper': N(0, init_std^2), biases 0; or 'glorot'.
+  config.init_std = 0.01
+
+  # Data.
+  config.dataset = 'imagenet2012'  # Any tfds image-classification dataset.
+  config.data_dir = config_dict.placeholder(str)  # tfds data_dir; None: tfds' default.
+  config.manual_dir = config_dict.placeholder(str)  # Where the ILSVRC-2012 tar files are.
+  config.train_split = 'train'
+  config.eval_split = 'validation'
+  config.image_size = 224  # Training crop.
+  # S: smallest image side after the isotropic rescale. An int is a fixed S; (Smin, Smax)
+  # draws S per image uniformly from [Smin, Smax] (scale jittering).
+  config.train_scale = config_dict.FieldReference(256, field_type=object)
+  # Q for single-scale evaluation; None: S, or (Smin + Smax) / 2 for a jittered S (Sec. 3.2).
+  config.eval_scale = config_dict.placeholder(int)
+  config.random_flip = True
+  config.color_shift_std = 0.1  # AlexNet PCA colour shift, alpha ~ N(0, std^2); 0 disables.
+  config.mean_rgb = (123.68, 116.779, 103.939)  # ILSVRC-2012 training-set mean, 0-255.
+  config.shuffle_buffer_size = 16_384
+  config.cache = False  # Keep encoded examples in memory (small datasets).
+
+  # Optimisation: mini-batch SGD with momentum and L2 weight decay (Sec. 3.1).
+  config.batch_size = 256  # Global, across all devices and hosts.
+  config.eval_batch_size = 256
+  config.learning_rate = 0.01
+  config.momentum = 0.9
+  config.weight_decay = 5e-4  # On weights; biases are not decayed.
+  # The learning rate is divided by lr_plateau_factor when validation top-1 error has not
+  # improved for lr_plateau_patience evaluations, at most lr_max_decreases times.
+  config.lr_plateau_factor = 0.1
+  config.lr_plateau_patience = 3
+  config.lr_max_decreases = 3
+  config.num_epochs = 74.0  # 370K iterations at batch 256.
+  config.num_train_steps = -1  # > 0 overrides num_epochs.
+
+  # Bookkeeping.
+  config.log_every_steps = 100
+  config.eval_every_steps = -1  # -1: once per epoch.
+  config.checkpoint_every_steps = 5_000
+  config.keep_checkpoints = 3
+  config.seed = 0
+  return config

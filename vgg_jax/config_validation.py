@@ -1,0 +1,75 @@
+"""Checks a config before anything is read or compiled; each error names the field and value."""
+
+from vgg_jax import models
+
+DTYPE_NAMES = ('float32', 'bfloat16', 'float16')
+INITS = ('paper', 'glorot')
+
+
+class ConfigError(ValueError):
+  """A config field holds a value vgg_jax cannot run with."""
+
+
+def _fail(field: str, value, why: str):
+  raise ConfigError(f'config.{field}={value!r}: {why}')
+
+
+def scale_bounds(train_scale) -> tuple[int, int]:
+  """(Smin, Smax) of a fixed S or an (Smin, Smax) pair, checked."""
+  if isinstance(train_scale, bool):
+    _fail('train_scale', train_scale, 'expected S or (Smin, Smax).')
+  if isinstance(train_scale, int):
+    bounds = (train_scale, train_scale)
+  elif isinstance(train_scale, (tuple, list)) and len(train_scale) == 2 and all(
+      isinstance(s, int) and not isinstance(s, bool) for s in train_scale):
+    bounds = tuple(train_scale)
+  else:
+    _fail('train_scale', train_scale, 'expected an int S or a pair (Smin, Smax) of ints.')
+  if bounds[0] > bounds[1]:
+    _fail('train_scale', train_scale, f'Smin={bounds[0]} > Smax={bounds[1]}; write the range '
+          'as (Smin, Smax), e.g. (256, 512).')
+  if bounds[0] <= 0:
+    _fail('train_scale', train_scale, 'S must be positive.')
+  return bounds
+
+
+def validate(config, num_devices: int) -> None:
+  """Raises ConfigError for the first problem found in `config` (global `num_devices`)."""
+  if config.variant not in models.VARIANTS:
+    _fail('variant', config.variant, f'expected one of {", ".join(models.VARIANTS)}.')
+  if config.init not in INITS:
+    _fail('init', config.init, f'expected one of {", ".join(INITS)}.')
+  if config.dtype not in DTYPE_NAMES:
+    _fail('dtype', config.dtype, f'expected one of {", ".join(DTYPE_NAMES)}.')
+  if not config.width > 0:
+    _fail('width', config.width, 'must be positive (1.0 is the paper\'s net).')
+  if not 0 <= config.dropout_rate < 1:
+    _fail('dropout_rate', config.dropout_rate, 'must be in [0, 1).')
+  smin, _ = scale_bounds(config.train_scale)
+  size = config.image_size
+  if size <= 0 or size % models.DOWNSAMPLING:
+    _fail('image_size', size, f'must be a positive multiple of {models.DOWNSAMPLING} '
+          '(five 2x2 max-pools), e.g. 224.')
+  if size > smin:
+    _fail('image_size', size, f'is larger than the smallest training scale S={smin}: a '
+          f'{size}x{size} crop does not fit; raise train_scale or lower image_size.')
+  if config.eval_scale is not None and config.eval_scale < size:
+    _fail('eval_scale', config.eval_scale, f'is smaller than image_size={size}.')
+  for field in ('batch_size', 'eval_batch_size'):
+    batch = config[field]
+    if batch <= 0 or batch % num_devices:
+      _fail(field, batch, f'must be a positive multiple of the {num_devices} devices '
+            f'(e.g. {num_devices * max(1, batch // num_devices)}).')
+  if not config.learning_rate > 0:
+    _fail('learning_rate', config.learning_rate, 'must be positive.')
+  if not 0 <= config.momentum < 1:
+    _fail('momentum', config.momentum, 'must be in [0, 1).')
+  if config.weight_decay < 0:
+    _fail('weight_decay', config.weight_decay, 'must be >= 0.')
+  if not 0 < config.lr_plateau_factor < 1:
+    _fail('lr_plateau_factor', config.lr_plateau_factor, 'must be in (0, 1).')
+  if config.num_train_steps <= 0 and not config.num_epochs > 0:
+    _fail('num_epochs', config.num_epochs, 'must be positive when num_train_steps <= 0.')
+  for field in ('log_every_steps', 'checkpoint_every_steps', 'keep_checkpoints'):
+    if config[field] <= 0:
+      _fail(field, config[field], 'must be positive.')

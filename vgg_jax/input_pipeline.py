@@ -1,0 +1,254 @@
+"""tfds -> tf.data input with the paper's training transform (Sec. 3.1) and test rescale (Sec. 3.2).
+
+The host does the geometry: decode, isotropic rescale so the smallest side is S (fixed, or drawn
+per image from [Smin, Smax]), a random crop, a random horizontal flip. Images leave as uint8; the
+colour shift and mean subtraction run on the device (`vgg_jax.preprocess`).
+
+Every random draw is stateless, seeded by (config.seed, process, epoch, position in the epoch),
+so the stream of batches is a pure function of the training step: resuming at step k rebuilds
+the stream from k with nothing but the step saved. Each process reads its own slice of the
+split; batches come shaped (local_devices, per_device_batch, ...) for `jax.pmap`.
+"""
+
+import dataclasses
+import math
+import os
+from typing import Iterator, Optional
+
+import jax
+import numpy as np
+import tensorflow as tf
+import tensorflow_datasets as tfds
+
+from vgg_jax import config_validation
+from vgg_jax import datasets  # pylint: disable=unused-import  # Registers vgg_jax's builders.
+
+IMAGENET_ARCHIVES = ('ILSVRC2012_img_train.tar', 'ILSVRC2012_img_val.tar')
+
+
+# ---------------------------------------------------------------------------------------------
+# Datasets.
+
+
+def eval_scale(config) -> int:
+  """Q of single-scale testing: `config.eval_scale`, else S, else (Smin + Smax) / 2 (Sec. 3.2)."""
+  if config.eval_scale:
+    return int(config.eval_scale)
+  smin, smax = config_validation.scale_bounds(config.train_scale)
+  return (smin + smax) // 2
+
+
+def get_builder(config) -> tfds.core.DatasetBuilder:
+  """The tfds builder for `config.dataset`, prepared on first use.
+
+  imagenet2012 cannot be downloaded: it is built from the ILSVRC-2012 tar files the user
+  downloads by hand into `config.manual_dir`, and a clear error says so when they are missing.
+  """
+  builder = tfds.builder(config.dataset, data_dir=config.data_dir)
+  if not builder.is_prepared():
+    download_config = None
+    if config.dataset.split(':')[0].split('/')[0] == 'imagenet2012':
+      check_imagenet_archives(config.manual_dir, builder)
+      download_config = tfds.download.DownloadConfig(manual_dir=config.manual_dir)
+    builder.download_and_prepare(download_config=download_config)
+  return builder
+
+
+def check_imagenet_archives(manual_dir: Optional[str], builder) -> None:
+  """Raise, naming the files and where they go, unless the ILSVRC-2012 archives are there."""
+  where = manual_dir or os.path.join(builder.data_dir_root, 'downloads', 'manual')
+  missing = [name for name in IMAGENET_ARCHIVES if not tf.io.gfile.exists(os.path.join(where, name))]
+  if missing:
+    raise FileNotFoundError(
+        f'imagenet2012 is not prepared in {builder.data_dir_root} and {", ".join(missing)} '
+        f'{"is" if len(missing) == 1 else "are"} missing from {where}. Download the ILSVRC-2012 '
+        'training and validation tar files from https://image-net.org (an account is needed), '
+        'put them in one directory and pass it as --config.manual_dir=DIR.')
+
+
+def supervised_keys(builder) -> tuple[str, str]:
+  if builder.info.supervised_keys:
+    image_key, label_key = builder.info.supervised_keys[:2]
+    return image_key, label_key
+  return 'image', 'label'
+
+
+def num_classes(builder) -> int:
+  return builder.info.features[supervised_keys(builder)[1]].num_classes
+
+
+@dataclasses.dataclass(frozen=True)
+class Sizes:
+  """How a global batch maps onto this process and its devices."""
+  local_batch: int
+  per_device_batch: int
+  steps_per_epoch: int
+
+
+def train_sizes(builder, config) -> Sizes:
+  """Steps per epoch count whole global batches; each process sees the same number."""
+  local_batch = config.batch_size // jax.process_count()
+  split = tfds.split_for_jax_process(config.train_split, drop_remainder=True)
+  examples = builder.info.splits[split].num_examples
+  return Sizes(local_batch, local_batch // jax.local_device_count(), examples // local_batch)
+
+
+# ---------------------------------------------------------------------------------------------
+# The image transform (tf, per example).
+
+
+def decode(encoded: tf.Tensor) -> tf.Tensor:
+  """JPEG / PNG / GIF / BMP bytes -> HxWx3 uint8 (grey images are repeated to RGB)."""
+  return tf.io.decode_image(encoded, channels=3, expand_animations=False)
+
+
+def rescale(image: tf.Tensor, smallest_side) -> tf.Tensor:
+  """Isotropic rescale so the smallest side is `smallest_side` (float32 result).
+
+  Antialiased when shrinking, so downscaled ImageNet photos are not aliased.
+  """
+  shape = tf.cast(tf.shape(image)[:2], tf.float32)
+  ratio = tf.cast(smallest_side, tf.float32) / tf.reduce_min(shape)
+  new_shape = tf.maximum(tf.cast(tf.round(shape * ratio), tf.int32), smallest_side)
+  return tf.image.resize(image, new_shape, method='bilinear', antialias=True)
+
+
+def to_uint8(image: tf.Tensor) -> tf.Tensor:
+  return tf.cast(tf.clip_by_value(tf.round(image), 0, 255), tf.uint8)
+
+
+def sample_scale(seed: tf.Tensor, smin: int, smax: int) -> tf.Tensor:
+  """S ~ U{Smin, ..., Smax}, one draw per image (Sec. 3.1, multi-scale training)."""
+  if smin == smax:
+    return tf.constant(smin, tf.int32)
+  return tf.random.stateless_uniform([], seed, minval=smin, maxval=smax + 1, dtype=tf.int32)
+
+
+def train_transform(encoded: tf.Tensor, seed: tf.Tensor, *, scale: tuple[int, int],
+                    image_size: int, flip: bool) -> tf.Tensor:
+  """Sec. 3.1: rescale to S, one random image_size^2 crop, random horizontal flip; uint8."""
+  scale_seed, crop_seed, flip_seed = tf.unstack(tf.random.experimental.stateless_split(seed, 3))
+  image = rescale(decode(encoded), sample_scale(scale_seed, *scale))
+  image = tf.image.stateless_random_crop(image, [image_size, image_size, 3], crop_seed)
+  if flip:
+    image = tf.image.stateless_random_flip_left_right(image, flip_seed)
+  return to_uint8(image)
+
+
+def eval_transform(encoded: tf.Tensor, *, scale: int, image_size: int) -> tf.Tensor:
+  """Sec. 3.2, single crop: rescale to Q, the central image_size^2 crop; uint8."""
+  image = rescale(decode(encoded), scale)
+  shape = tf.shape(image)
+  top, left = (shape[0] - image_size) // 2, (shape[1] - image_size) // 2
+  return to_uint8(image[top:top + image_size, left:left + image_size])
+
+
+# ---------------------------------------------------------------------------------------------
+# Batches.
+
+
+def _read(builder, split: str, cache: bool) -> tf.data.Dataset:
+  """Encoded examples of this process's part of `split`, in the order tfds stored them."""
+  read_config = tfds.ReadConfig(interleave_cycle_length=16)
+  ds = builder.as_dataset(split=split, shuffle_files=False, read_config=read_config,
+                          decoders={supervised_keys(builder)[0]: tfds.decode.SkipDecoding()})
+  return ds.cache() if cache else ds
+
+
+def _device_shape(batch, local_devices: int):
+  return tf.nest.map_structure(
+      lambda x: tf.reshape(x, tf.concat([[local_devices, -1], tf.shape(x)[1:]], 0)), batch)
+
+
+def _options() -> tf.data.Options:
+  options = tf.data.Options()
+  options.deterministic = True
+  options.autotune.enabled = True
+  options.experimental_optimization.map_parallelization = True
+  return options
+
+
+def train_dataset(builder, config, start_step: int = 0) -> tf.data.Dataset:
+  """The endless training stream of this process, starting at global step `start_step`.
+
+  Epoch e is this process's examples shuffled with a seed of (seed, process, e); each example's
+  S, crop and flip are drawn from (that seed, its position in the epoch). A partial last batch of
+  each epoch is dropped, so steps_per_epoch whole batches make an epoch on every process.
+  """
+  sizes = train_sizes(builder, config)
+  if sizes.steps_per_epoch == 0:
+    raise ValueError(f'batch_size={config.batch_size} is larger than the {config.train_split} '
+                     f'split of {config.dataset}.')
+  image_key, label_key = supervised_keys(builder)
+  split = tfds.split_for_jax_process(config.train_split, drop_remainder=True)
+  examples = _read(builder, split, config.cache)
+  epoch_size = sizes.steps_per_epoch * sizes.local_batch
+  start_epoch, start_batch = divmod(start_step, sizes.steps_per_epoch)
+  base_seed = config.seed * 1_000_003 + jax.process_index()
+  transform = dict(scale=config_validation.scale_bounds(config.train_scale), image_size=config.image_size,
+                   flip=config.random_flip)
+
+  def one_epoch(epoch):
+    seed = tf.cast(base_seed, tf.int64) * 100_003 + epoch
+    ds = examples.shuffle(config.shuffle_buffer_size, seed=seed).take(epoch_size).enumerate()
+    skip = tf.constant(start_batch * sizes.local_batch, tf.int64)
+    ds = ds.skip(tf.where(epoch == start_epoch, skip, tf.constant(0, tf.int64)))
+
+    def prepare(index, example):
+      image_seed = tf.stack([seed, index])
+      return {'image': train_transform(example[image_key], image_seed, **transform),
+              'label': tf.cast(example[label_key], tf.int32)}
+
+    ds = ds.map(prepare, num_parallel_calls=tf.data.AUTOTUNE)
+    return ds.batch(sizes.local_batch, drop_remainder=True)
+
+  ds = tf.data.Dataset.range(start_epoch, np.iinfo(np.int64).max).flat_map(one_epoch)
+  ds = ds.map(lambda batch: _device_shape(batch, jax.local_device_count()))
+  return ds.prefetch(tf.data.AUTOTUNE).with_options(_options())
+
+
+def eval_dataset(builder, config, split: Optional[str] = None) -> tuple[tf.data.Dataset, int]:
+  """One pass over `split`, padded so no example is dropped and each is counted once.
+
+  Every process yields the same number of batches (collectives need it): its own slice of the
+  split, then padding examples with mask 0 up to that number. Returns (dataset, num_batches).
+  """
+  split = split or config.eval_split
+  local_batch = config.eval_batch_size // jax.process_count()
+  total = builder.info.splits[split].num_examples
+  num_batches = math.ceil(math.ceil(total / jax.process_count()) / local_batch)
+  image_key, label_key = supervised_keys(builder)
+  q, size = eval_scale(config), config.image_size
+
+  def prepare(example):
+    return {'image': eval_transform(example[image_key], scale=q, image_size=size),
+            'label': tf.cast(example[label_key], tf.int32), 'mask': tf.constant(True)}
+
+  ds = _read(builder, tfds.split_for_jax_process(split, drop_remainder=False), config.cache)
+  ds = ds.map(prepare, num_parallel_calls=tf.data.AUTOTUNE)
+  padding = tf.data.Dataset.from_tensors({
+      'image': tf.zeros([size, size, 3], tf.uint8), 'label': tf.constant(0, tf.int32),
+      'mask': tf.constant(False)}).repeat()
+  ds = ds.concatenate(padding).take(num_batches * local_batch).batch(local_batch)
+  ds = ds.map(lambda batch: _device_shape(batch, jax.local_device_count()))
+  return ds.prefetch(tf.data.AUTOTUNE).with_options(_options()), num_batches
+
+
+def prefetch_to_device(batches: Iterator, size: int = 2) -> Iterator:
+  """Starts copying the next `size` batches to the local devices while the current one runs.
+
+  Arrays are placed as `jax.pmap` expects its mapped inputs: leading axis split over the local
+  devices.
+  """
+  mesh = jax.sharding.Mesh(np.asarray(jax.local_devices()), ('devices',))
+  sharding = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec('devices'))
+  queue = []
+  for batch in batches:
+    queue.append(jax.device_put(batch, sharding))
+    if len(queue) > size:
+      yield queue.pop(0)
+  yield from queue
+
+
+def as_numpy(ds: tf.data.Dataset) -> Iterator:
+  return iter(tfds.as_numpy(ds))

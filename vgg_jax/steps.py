@@ -1,0 +1,157 @@
+"""Training state, optimiser and the pure train / eval steps (Sec. 3.1, 3.3).
+
+The steps are written for one device's share of a batch and reduce over the mapped axis
+`AXIS`: gradients are averaged with `lax.pmean`, so a step on D devices is exactly a step on
+one device with the whole batch, the paper's synchronous multi-GPU scheme (Sec. 3.3).
+`pmap_train_step` and `pmap_eval_step` map them over the local devices. No tensorflow here: this module runs on
+accelerator images that lack it.
+"""
+
+import functools
+from typing import Any, Callable
+
+import jax
+import jax.numpy as jnp
+import optax
+from flax.training import train_state
+from jax import lax
+
+from vgg_jax import models
+from vgg_jax import preprocess
+
+AXIS = 'batch'
+DTYPES = {'float32': jnp.float32, 'bfloat16': jnp.bfloat16, 'float16': jnp.float16}
+
+
+class TrainState(train_state.TrainState):
+  """Flax's TrainState plus the learning-rate plateau tracker (Sec. 3.1).
+
+  `plateau` is optax's `reduce_on_plateau` state; `plateau.scale` multiplies the learning rate
+  and is advanced only by validation results (`plateau_update`).
+  """
+  plateau: Any = None
+
+
+def create_model(config) -> models.VGG:
+  return models.VGG(variant=config.variant, num_classes=config.num_classes,
+                    dropout_rate=config.dropout_rate, dtype=DTYPES[config.dtype],
+                    width=config.width, init_scheme=config.init, init_std=config.init_std)
+
+
+def _decay_mask(params):
+  """L2 weight decay applies to weights, not biases, as in the paper's Caffe set-up."""
+  return jax.tree_util.tree_map_with_path(lambda path, _: path[-1].key != 'bias', params)
+
+
+def create_optimizer(config) -> optax.GradientTransformation:
+  """SGD with momentum on the L2-regularised objective (Sec. 3.1): w -= lr * (v + wd * w)."""
+  return optax.chain(
+      optax.add_decayed_weights(config.weight_decay, mask=_decay_mask),
+      optax.sgd(config.learning_rate, momentum=config.momentum))
+
+
+def create_plateau(config) -> optax.GradientTransformationExtraArgs:
+  """Divide the learning rate by 1 / lr_plateau_factor when validation error stalls, at most
+  lr_max_decreases times (the paper decreased it 3 times, Sec. 3.1)."""
+  return optax.contrib.reduce_on_plateau(
+      factor=config.lr_plateau_factor, patience=config.lr_plateau_patience,
+      min_scale=config.lr_plateau_factor ** config.lr_max_decreases)
+
+
+def create_train_state(config, rng: jax.Array, image_size: int) -> TrainState:
+  """Fresh parameters and optimiser state, all float32 (whatever `config.dtype` computes in)."""
+  model = create_model(config)
+  dummy = jnp.zeros((1, image_size, image_size, 3), jnp.float32)
+  params = jax.jit(lambda r: model.init(r, dummy, train=False))(rng)['params']
+  return TrainState.create(apply_fn=model.apply, params=params, tx=create_optimizer(config),
+                           plateau=create_plateau(config).init(params))
+
+
+def plateau_update(state: TrainState, config, validation_error: float) -> TrainState:
+  """Feeds one validation top-1 error to the plateau tracker."""
+  _, plateau = create_plateau(config).update(
+      updates=jnp.zeros(()), state=state.plateau, value=jnp.asarray(validation_error))
+  return state.replace(plateau=plateau)
+
+
+def learning_rate(state: TrainState, config) -> jax.Array:
+  return config.learning_rate * state.plateau.scale
+
+
+def topk_correct(logits: jax.Array, labels: jax.Array, k: int) -> jax.Array:
+  """1.0 where the label is among the k highest logits.
+
+  Ties count against the label and a NaN logit is never correct, so a degenerate net cannot
+  score well.
+  """
+  label_logit = jnp.take_along_axis(logits, labels[:, None], axis=-1)
+  rank = jnp.sum(logits >= label_logit, axis=-1)
+  return ((rank >= 1) & (rank <= k)).astype(jnp.float32)
+
+
+def classification_metrics(logits, labels) -> dict[str, jax.Array]:
+  """Per-example loss and top-1/top-5 errors."""
+  k = min(5, logits.shape[-1])
+  return {
+      'loss': optax.softmax_cross_entropy_with_integer_labels(logits, labels),
+      'top1_error': 1.0 - topk_correct(logits, labels, 1),
+      'top5_error': 1.0 - topk_correct(logits, labels, k),
+  }
+
+
+def train_step(state: TrainState, batch: dict[str, jax.Array], rng: jax.Array, *,
+               config) -> tuple[TrainState, dict[str, jax.Array]]:
+  """One SGD step on this device's share of the global batch.
+
+  `rng` is the same on every device; it is folded with the step and the device index so the
+  colour shift and dropout differ per image, device and step.
+  """
+  rng = jax.random.fold_in(jax.random.fold_in(rng, state.step), lax.axis_index(AXIS))
+  color_rng, dropout_rng = jax.random.split(rng)
+  images = preprocess.train_images(batch['image'], color_rng, config.mean_rgb,
+                                   config.color_shift_std, DTYPES[config.dtype])
+
+  def loss_fn(params):
+    logits = state.apply_fn({'params': params}, images, train=True,
+                            rngs={'dropout': dropout_rng})
+    metrics = classification_metrics(logits, batch['label'])
+    return jnp.mean(metrics['loss']), metrics
+
+  grads, metrics = jax.grad(loss_fn, has_aux=True)(state.params)
+  grads = lax.pmean(grads, AXIS)
+  updates, opt_state = state.tx.update(grads, state.opt_state, state.params)
+  updates = jax.tree.map(lambda u: u * state.plateau.scale, updates)
+  state = state.replace(step=state.step + 1, params=optax.apply_updates(state.params, updates),
+                        opt_state=opt_state)
+  metrics = {name: jnp.mean(value) for name, value in metrics.items()}
+  metrics['learning_rate'] = learning_rate(state, config)
+  return state, lax.pmean(metrics, AXIS)
+
+
+def eval_step(state: TrainState, batch: dict[str, jax.Array], *,
+              config) -> dict[str, jax.Array]:
+  """Sums of loss, top-1 and top-5 errors and example counts over the unmasked examples of
+  all devices: exact totals, whatever the padding."""
+  images = preprocess.normalize(batch['image'], config.mean_rgb, DTYPES[config.dtype])
+  logits = state.apply_fn({'params': state.params}, images, train=False)
+  metrics = classification_metrics(logits, batch['label'])
+  mask = batch['mask'].astype(jnp.float32)
+  sums = {name: jnp.sum(value * mask) for name, value in metrics.items()}
+  sums['num_examples'] = jnp.sum(mask)
+  return lax.psum(sums, AXIS)
+
+
+def pmap_train_step(config, donate: bool = True) -> Callable:
+  """`train_step` over the local devices: state in and out replicated, batch split.
+
+  The state is donated: a VGG's parameters and momentum exceed 1 GB, and without donation the
+  old and new copies would both be live.
+  """
+  return jax.pmap(functools.partial(train_step, config=config), axis_name=AXIS,
+                  in_axes=(None, 0, None), out_axes=(None, None),
+                  donate_argnums=(0,) if donate else ())
+
+
+def pmap_eval_step(config) -> Callable:
+  return jax.pmap(functools.partial(eval_step, config=config), axis_name=AXIS,
+                  in_axes=(None, 0), out_axes=None)

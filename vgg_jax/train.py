@@ -1,0 +1,150 @@
+"""The training loop: config -> input pipeline -> pmapped steps -> checkpoints and metrics.
+
+Resumes from the newest checkpoint in the workdir; evaluates on the held-out split every
+`eval_every_steps` (default: each epoch), feeding the validation error to the learning-rate
+plateau rule of Sec. 3.1; writes TensorBoard summaries and, at the end,
+WORKDIR/eval_metrics.json.
+"""
+
+import json
+import os
+import time
+
+from absl import logging
+from clu import metric_writers
+import jax
+import numpy as np
+
+from vgg_jax import checkpoints
+from vgg_jax import config_validation
+from vgg_jax import input_pipeline
+from vgg_jax import steps
+
+
+class Progress:
+  """Console progress between two log points: img/s and ETA, first compilation excluded."""
+
+  def __init__(self, num_steps: int, global_batch: int):
+    self.num_steps, self.global_batch = num_steps, global_batch
+    self.last_step, self.last_time = None, None
+
+  def restart(self, step: int) -> None:
+    """Start timing from `step` (after compilation, after an evaluation)."""
+    self.last_step, self.last_time = step, time.perf_counter()
+
+  def rate(self, step: int) -> tuple[float, float]:
+    """(images per second, seconds left) since the last restart, then restarts at `step`."""
+    elapsed = time.perf_counter() - self.last_time
+    steps_per_s = (step - self.last_step) / max(elapsed, 1e-9)
+    self.restart(step)
+    return steps_per_s * self.global_batch, (self.num_steps - step) / max(steps_per_s, 1e-9)
+
+
+def _duration(seconds: float) -> str:
+  minutes, seconds = divmod(int(round(seconds)), 60)
+  hours, minutes = divmod(minutes, 60)
+  return f'{hours}h{minutes:02d}m{seconds:02d}s' if hours else f'{minutes}m{seconds:02d}s'
+
+
+def evaluate(p_eval_step, state, builder, config) -> dict:
+  """Loss and top-1/top-5 error over every example of the eval split (exact counts)."""
+  ds, _ = input_pipeline.eval_dataset(builder, config)
+  totals = None
+  for batch in input_pipeline.prefetch_to_device(input_pipeline.as_numpy(ds)):
+    sums = p_eval_step(state, batch)
+    totals = sums if totals is None else jax.tree.map(lambda a, b: a + b, totals, sums)
+  totals = jax.device_get(totals)
+  count = int(totals.pop('num_examples'))
+  return {**{name: float(value) / count for name, value in totals.items()},
+          'num_examples': count}
+
+
+def _create_writer(workdir: str) -> metric_writers.MetricWriter:
+  if jax.process_index() > 0:
+    return metric_writers.MultiWriter([])
+  return metric_writers.AsyncWriter(
+      metric_writers.SummaryWriter(os.path.join(workdir, 'tensorboard')))
+
+
+def train_and_evaluate(config, workdir: str) -> dict:
+  """Trains `config` in `workdir` (resuming if it holds checkpoints); returns the final
+  held-out metrics, also written to WORKDIR/eval_metrics.json."""
+  config_validation.validate(config, jax.device_count())
+  os.makedirs(workdir, exist_ok=True)
+  builder = input_pipeline.get_builder(config)
+  dataset_classes = input_pipeline.num_classes(builder)
+  if dataset_classes != config.num_classes:
+    raise config_validation.ConfigError(
+        f'config.num_classes={config.num_classes}: {config.dataset} has {dataset_classes} '
+        f'classes; set --config.num_classes={dataset_classes}.')
+  sizes = input_pipeline.train_sizes(builder, config)
+  num_steps = (config.num_train_steps if config.num_train_steps > 0
+               else int(config.num_epochs * sizes.steps_per_epoch))
+  eval_every = config.eval_every_steps if config.eval_every_steps > 0 else sizes.steps_per_epoch
+  logging.info('%s on %s: %d steps of %d images (%d per epoch), %d device(s) in %d process(es).',
+               config.variant, config.dataset, num_steps, config.batch_size,
+               sizes.steps_per_epoch, jax.device_count(), jax.process_count())
+
+  init_rng, step_rng = jax.random.split(jax.random.key(config.seed))
+  state = steps.create_train_state(config, init_rng, config.image_size)
+  manager = checkpoints.create_manager(workdir, config)
+  restored = checkpoints.restore_latest(manager, state)
+  if restored is not None:
+    state = restored
+    logging.info('Resumed from %s at step %d.', manager.directory, int(state.step))
+  start_step = int(jax.device_get(state.step))
+
+  writer = _create_writer(workdir)
+  if start_step == 0:
+    writer.write_hparams({k: str(v) for k, v in config.to_dict().items()})
+  p_train_step = steps.pmap_train_step(config)
+  p_eval_step = steps.pmap_eval_step(config)
+  batches = input_pipeline.prefetch_to_device(
+      input_pipeline.as_numpy(input_pipeline.train_dataset(builder, config, start_step)))
+  progress = Progress(num_steps, config.batch_size)
+  train_metrics, eval_metrics, eval_step = [], None, None
+
+  for step in range(start_step + 1, num_steps + 1):
+    state, metrics = p_train_step(state, next(batches), step_rng)
+    train_metrics.append(metrics)
+    if step == start_step + 1:
+      jax.block_until_ready(metrics)
+      logging.info('First step done (compilation included).')
+      progress.restart(step)
+    if step % config.log_every_steps == 0 or step == num_steps:
+      summary = {k: float(np.mean(v)) for k, v in jax.device_get(
+          jax.tree.map(lambda *xs: np.stack(xs), *train_metrics)).items()}
+      train_metrics = []
+      img_per_s, eta = progress.rate(step)
+      writer.write_scalars(step, {**{f'train/{k}': v for k, v in summary.items()},
+                                  'train/img_per_s': img_per_s})
+      logging.info('step %d/%d: loss %.4f, top-1 err %.2f%%, top-5 err %.2f%%, lr %.3g, '
+                   '%.1f img/s, ETA %s', step, num_steps, summary['loss'],
+                   100 * summary['top1_error'], 100 * summary['top5_error'],
+                   summary['learning_rate'], img_per_s, _duration(eta))
+    if step % eval_every == 0 or step == num_steps:
+      eval_metrics, eval_step = evaluate(p_eval_step, state, builder, config), step
+      writer.write_scalars(step, {f'eval/{k}': v for k, v in eval_metrics.items()})
+      logging.info('step %d eval on %d examples: loss %.4f, top-1 err %.2f%%, top-5 err %.2f%%',
+                   step, eval_metrics['num_examples'], eval_metrics['loss'],
+                   100 * eval_metrics['top1_error'], 100 * eval_metrics['top5_error'])
+      if step % eval_every == 0:
+        state = steps.plateau_update(state, config, eval_metrics['top1_error'])
+      progress.restart(step)
+    if step % config.checkpoint_every_steps == 0 or step == num_steps:
+      checkpoints.save(manager, state, config)
+  manager.wait_until_finished()
+  writer.flush()
+
+  if eval_step != num_steps:
+    eval_metrics = evaluate(p_eval_step, state, builder, config)
+  result = {'step': num_steps, 'top1_error': eval_metrics['top1_error'],
+            'top5_error': eval_metrics['top5_error'],
+            'num_examples': eval_metrics['num_examples']}
+  if jax.process_index() == 0:
+    with open(os.path.join(workdir, 'eval_metrics.json'), 'w') as f:
+      json.dump(result, f, indent=2)
+  logging.info('Final held-out %s: top-1 error %.2f%%, top-5 error %.2f%% over %d images.',
+               config.eval_split, 100 * result['top1_error'], 100 * result['top5_error'],
+               result['num_examples'])
+  return result
