@@ -43,7 +43,9 @@ def save(manager: ocp.CheckpointManager, state: steps.TrainState, config) -> Non
 def _replicated(tree):
   mesh = jax.sharding.Mesh(np.asarray(jax.local_devices()), ('devices',))
   sharding = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())
-  return jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=sharding), tree)
+  return jax.tree.map(
+      lambda x: jax.ShapeDtypeStruct(np.shape(x), jax.numpy.result_type(x), sharding=sharding),
+      tree)
 
 
 def restore_latest(manager: ocp.CheckpointManager,

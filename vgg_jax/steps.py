@@ -99,15 +99,21 @@ def classification_metrics(logits, labels) -> dict[str, jax.Array]:
   }
 
 
+def device_rngs(rng: jax.Array, step: jax.Array) -> tuple[jax.Array, jax.Array]:
+  """(colour-shift key, dropout key) for this device and step, from one key shared by all."""
+  rng = jax.random.fold_in(jax.random.fold_in(rng, step), lax.axis_index(AXIS))
+  color_rng, dropout_rng = jax.random.split(rng)
+  return color_rng, dropout_rng
+
+
 def train_step(state: TrainState, batch: dict[str, jax.Array], rng: jax.Array, *,
                config) -> tuple[TrainState, dict[str, jax.Array]]:
   """One SGD step on this device's share of the global batch.
 
-  `rng` is the same on every device; it is folded with the step and the device index so the
-  colour shift and dropout differ per image, device and step.
+  `rng` is the same on every device and step; `device_rngs` folds in both, so the colour shift
+  and dropout differ per image, device and step.
   """
-  rng = jax.random.fold_in(jax.random.fold_in(rng, state.step), lax.axis_index(AXIS))
-  color_rng, dropout_rng = jax.random.split(rng)
+  color_rng, dropout_rng = device_rngs(rng, state.step)
   images = preprocess.train_images(batch['image'], color_rng, config.mean_rgb,
                                    config.color_shift_std, DTYPES[config.dtype])
 

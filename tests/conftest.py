@@ -1,0 +1,40 @@
+"""Shared test set-up: 8 fake CPU devices, the digits dataset built once, real photos."""
+
+import os
+
+# Before jax is imported anywhere: 8 CPU devices stand in for 8 accelerators.
+os.environ['XLA_FLAGS'] = (os.environ.get('XLA_FLAGS', '') +
+                           ' --xla_force_host_platform_device_count=8').strip()
+os.environ.setdefault('TF_CPP_MIN_LOG_LEVEL', '2')
+
+import numpy as np  # pylint: disable=g-import-not-at-top
+import pytest  # pylint: disable=g-import-not-at-top
+
+from experiments import digits  # pylint: disable=g-import-not-at-top
+
+
+@pytest.fixture(scope='session')
+def digits_config(tmp_path_factory):
+  """The digits experiment config, its tfds data_dir built once per test session."""
+  from vgg_jax import input_pipeline  # pylint: disable=g-import-not-at-top
+  config = digits.get_config()
+  config.data_dir = str(tmp_path_factory.mktemp('tensorflow_datasets'))
+  input_pipeline.get_builder(config)
+  return config
+
+
+@pytest.fixture(scope='session')
+def photos() -> dict[str, np.ndarray]:
+  """Real RGB photographs bundled by scikit-image and scikit-learn, landscape and portrait."""
+  import skimage.data  # pylint: disable=g-import-not-at-top
+  from sklearn import datasets  # pylint: disable=g-import-not-at-top
+  sample = datasets.load_sample_images()
+  images = {
+      'astronaut': skimage.data.astronaut(),  # 512x512
+      'coffee': skimage.data.coffee(),  # 400x600
+      'chelsea': skimage.data.chelsea(),  # 300x451
+      'china': sample.images[0],  # 427x640
+      'flower': sample.images[1],  # 427x640
+  }
+  images['coffee_portrait'] = np.ascontiguousarray(np.transpose(images['coffee'], (1, 0, 2)))
+  return images

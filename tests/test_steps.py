@@ -1,0 +1,197 @@
+"""The pure train / eval steps: the paper's synchronous data parallelism, SGD, metrics, LR rule."""
+
+import os
+import subprocess
+import sys
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from experiments import digits
+from vgg_jax import steps
+
+NUM_DEVICES = 8
+MEAN_RGB = (123.68, 116.779, 103.939)
+
+
+def fresh_rng() -> np.random.Generator:
+  return np.random.default_rng(int.from_bytes(os.urandom(4), 'little'))
+
+
+def small_config(**overrides):
+  config = digits.get_config()
+  config.variant, config.width, config.image_size = 'A', 0.125, 32
+  config.mean_rgb = MEAN_RGB
+  config.weight_decay, config.momentum, config.learning_rate = 5e-4, 0.9, 0.01
+  config.update(overrides)
+  return config
+
+
+def random_batch(rng, batch_size, num_classes=10, size=32):
+  return {'image': rng.integers(0, 256, (batch_size, size, size, 3), dtype=np.uint8),
+          'label': rng.integers(0, num_classes, (batch_size,), dtype=np.int32)}
+
+
+def device_split(batch):
+  return jax.tree.map(lambda x: x.reshape((NUM_DEVICES, -1) + x.shape[1:]), batch)
+
+
+def relative_error(a, b) -> float:
+  a, b = np.asarray(a, np.float64), np.asarray(b, np.float64)
+  return float(np.max(np.abs(a - b)) / max(np.max(np.abs(b)), 1e-30))
+
+
+def test_eight_device_step_equals_single_device_sgd_on_the_whole_batch():
+  """Sec. 3.3: gradients averaged over devices make the step exactly single-GPU training.
+
+  The reference is written out by hand: full-batch cross-entropy, L2 decay on weights only,
+  heavy-ball momentum v = m v + g, w -= lr v; two steps so the momentum buffer matters.
+  """
+  assert jax.local_device_count() == NUM_DEVICES
+  config = small_config(dropout_rate=0.0, color_shift_std=0.0)
+  rng = fresh_rng()
+  state = steps.create_train_state(config, jax.random.key(rng.integers(1 << 30)), 32)
+  model = steps.create_model(config)
+  batches = [random_batch(rng, 32) for _ in range(2)]
+
+  p_train_step = steps.pmap_train_step(config, donate=False)
+  params, velocity = jax.device_get(state.params), None
+  for batch in batches:
+    state, metrics = p_train_step(state, device_split(batch), jax.random.key(0))
+
+    def full_batch_loss(p, batch=batch):
+      images = jnp.asarray(batch['image'], jnp.float32) - jnp.asarray(MEAN_RGB)
+      logits = model.apply({'params': p}, images, train=False)
+      log_probs = jax.nn.log_softmax(logits.astype(jnp.float64))
+      return -jnp.mean(log_probs[np.arange(len(batch['label'])), batch['label']])
+
+    loss, grads = jax.value_and_grad(full_batch_loss)(params)
+    grads = {layer: {'kernel': g['kernel'] + config.weight_decay * params[layer]['kernel'],
+                     'bias': g['bias']} for layer, g in grads.items()}
+    velocity = grads if velocity is None else jax.tree.map(
+        lambda v, g: config.momentum * v + g, velocity, grads)
+    params = jax.tree.map(lambda w, v: w - config.learning_rate * v, params, velocity)
+    assert relative_error(metrics['loss'], loss) <= 1e-5
+
+  got = jax.device_get(state.params)
+  for layer in params:
+    for kind in ('kernel', 'bias'):
+      assert relative_error(got[layer][kind], params[layer][kind]) <= 1e-5, (layer, kind)
+  assert int(state.step) == 2
+
+
+def test_dropout_and_colour_keys_differ_per_device_and_per_step():
+  keys = jax.pmap(lambda step: jax.random.key_data(jnp.stack(steps.device_rngs(
+      jax.random.key(7), step))), axis_name=steps.AXIS)
+  first = np.asarray(keys(jnp.zeros(NUM_DEVICES, jnp.int32))).reshape(NUM_DEVICES, -1)
+  second = np.asarray(keys(jnp.ones(NUM_DEVICES, jnp.int32))).reshape(NUM_DEVICES, -1)
+  every = np.concatenate([first, second])
+  assert len({row.tobytes() for row in every}) == 2 * NUM_DEVICES
+
+
+def test_train_step_with_dropout_still_keeps_replicas_identical():
+  """With dropout and colour shift on, the new state is one state, not eight diverging ones."""
+  config = small_config()
+  rng = fresh_rng()
+  state = steps.create_train_state(config, jax.random.key(1), 32)
+  new_state, metrics = steps.pmap_train_step(config, donate=False)(
+      state, device_split(random_batch(rng, 32)), jax.random.key(2))
+  kernel = new_state.params['fc8']['kernel']
+  shards = [np.asarray(s.data) for s in kernel.addressable_shards]
+  assert len(shards) == NUM_DEVICES and all(np.array_equal(s, shards[0]) for s in shards)
+  assert np.isfinite(float(metrics['loss']))
+  assert not np.array_equal(shards[0], np.asarray(state.params['fc8']['kernel']))
+
+
+@pytest.mark.parametrize('k', [1, 5])
+def test_topk_correct_matches_a_sort(k):
+  rng = fresh_rng()
+  logits = rng.normal(size=(500, 10)).astype(np.float32)
+  logits[:50, :3] = 1.0  # Ties: must count against the label.
+  labels = rng.integers(0, 10, 500)
+  descending = np.argsort(-logits, axis=1, kind='stable')
+  rank_of_label = np.argmax(descending == labels[:, None], axis=1)
+  ties_above = np.sum(logits >= logits[np.arange(500), labels][:, None], axis=1) - 1
+  expected = (np.maximum(rank_of_label, ties_above) < k).astype(np.float32)
+  got = np.asarray(steps.topk_correct(jnp.asarray(logits), jnp.asarray(labels), k))
+  np.testing.assert_array_equal(got, expected)
+
+
+def test_topk_never_credits_nan_logits():
+  logits = jnp.full((4, 10), jnp.nan)
+  assert float(jnp.sum(steps.topk_correct(logits, jnp.arange(4), 5))) == 0.0
+
+
+def test_plateau_rule_divides_lr_by_ten_after_patience_at_most_three_times():
+  """Sec. 3.1: the LR is divided by 10 when validation accuracy stops improving, 3 times."""
+  config = small_config(lr_plateau_patience=2, lr_plateau_factor=0.1, lr_max_decreases=3)
+  state = steps.create_train_state(config, jax.random.key(0), 32)
+  errors = [0.9, 0.8, 0.7, 0.7, 0.71, 0.6, 0.6, 0.6, 0.6, 0.6] + [0.6] * 10
+  # Independent reference of the rule: reset on improvement; after `patience` evaluations
+  # without one, scale by 0.1 (floor 1e-3) and start counting again.
+  best, stalled, scale, expected = np.inf, 0, 1.0, []
+  for error in errors:
+    if error < best * (1 - 1e-4):
+      best, stalled = error, 0
+    else:
+      stalled += 1
+      if stalled == 2:
+        scale, stalled = max(scale * 0.1, 1e-3), 0
+    expected.append(scale)
+  got = []
+  for error in errors:
+    state = steps.plateau_update(state, config, error)
+    got.append(float(steps.learning_rate(state, config)) / config.learning_rate)
+  np.testing.assert_allclose(got, expected, rtol=1e-5)
+  assert min(got) == pytest.approx(1e-3, rel=1e-5)
+
+
+def test_plateau_scale_multiplies_the_sgd_update():
+  config = small_config(dropout_rate=0.0, color_shift_std=0.0, momentum=0.0, weight_decay=0.0)
+  rng = fresh_rng()
+  batch = device_split(random_batch(rng, 32))
+  state = steps.create_train_state(config, jax.random.key(3), 32)
+  p_step = steps.pmap_train_step(config, donate=False)
+  full, _ = p_step(state, batch, jax.random.key(0))
+  reduced = state.replace(plateau=state.plateau._replace(scale=jnp.asarray(0.1)))
+  tenth, _ = p_step(reduced, batch, jax.random.key(0))
+  w0 = np.asarray(state.params['fc8']['kernel'], np.float64)
+  full_update = np.asarray(full.params['fc8']['kernel']) - w0
+  tenth_update = np.asarray(tenth.params['fc8']['kernel']) - w0
+  # Float32 rounding of w0 + update bounds the comparison, hence the absolute slack.
+  np.testing.assert_allclose(tenth_update, 0.1 * full_update, rtol=1e-3,
+                             atol=1e-6 * np.abs(w0).max())
+  assert np.abs(full_update).max() > 100 * 1e-6 * np.abs(w0).max()
+
+
+def test_eval_step_sums_exactly_over_unmasked_examples():
+  config = small_config()
+  rng = fresh_rng()
+  state = steps.create_train_state(config, jax.random.key(4), 32)
+  batch = random_batch(rng, 64)
+  batch['mask'] = rng.random(64) < 0.7
+  sums = jax.device_get(steps.pmap_eval_step(config)(state, device_split(batch)))
+  model = steps.create_model(config)
+  images = jnp.asarray(batch['image'], jnp.float32) - jnp.asarray(MEAN_RGB)
+  logits = np.asarray(model.apply({'params': state.params}, images), np.float64)
+  keep = batch['mask']
+  top1 = np.argmax(logits, axis=1) == batch['label']
+  top5 = np.array([label in np.argsort(-row)[:5] for row, label in zip(logits, batch['label'])])
+  losses = -jax.nn.log_softmax(logits)[np.arange(64), batch['label']]
+  assert sums['num_examples'] == keep.sum()
+  assert sums['top1_error'] == np.sum(~top1 & keep)
+  assert sums['top5_error'] == np.sum(~top5 & keep)
+  assert sums['loss'] == pytest.approx(np.sum(np.asarray(losses) * keep), rel=1e-5)
+
+
+def test_models_steps_and_checkpoints_import_without_tensorflow():
+  """Accelerator images often lack TensorFlow: only the input pipeline may need it."""
+  code = ('import sys; sys.modules["tensorflow"] = None; '
+          'import vgg_jax.models, vgg_jax.steps, vgg_jax.preprocess, vgg_jax.checkpoints, '
+          'vgg_jax.config_validation; print("imported")')
+  result = subprocess.run([sys.executable, '-c', code], capture_output=True, text=True,
+                          cwd=os.path.dirname(os.path.dirname(__file__)), check=False)
+  assert result.returncode == 0, result.stderr[-2000:]
+  assert 'imported' in result.stdout
