@@ -10,7 +10,6 @@ import os
 from typing import Optional
 
 import jax
-import numpy as np
 import orbax.checkpoint as ocp
 
 from vgg_jax import steps
@@ -41,11 +40,8 @@ def save(manager: ocp.CheckpointManager, state: steps.TrainState, config) -> Non
 
 
 def _replicated(tree):
-  mesh = jax.sharding.Mesh(np.asarray(jax.local_devices()), ('devices',))
-  sharding = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())
-  return jax.tree.map(
-      lambda x: jax.ShapeDtypeStruct(np.shape(x), jax.numpy.result_type(x), sharding=sharding),
-      tree)
+  sharding = steps.replicated_sharding()
+  return jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=sharding), tree)
 
 
 def restore_latest(manager: ocp.CheckpointManager,

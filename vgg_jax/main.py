@@ -3,6 +3,8 @@
 Config fields are overridden on the command line, e.g. `--config.batch_size=64`.
 """
 
+import logging as std_logging
+
 from absl import app
 from absl import flags
 from absl import logging
@@ -18,15 +20,16 @@ config_flags.DEFINE_config_file('config', None, 'Experiment config file.', lock_
 flags.mark_flags_as_required(['config', 'workdir'])
 
 
-def _quiet_orbax(record) -> bool:
-  """Orbax logs every save step at INFO; keep its warnings, drop the chatter."""
-  return record.levelno >= logging.WARNING or '/orbax/' not in record.pathname
+def _quiet_libraries(record) -> bool:
+  """Orbax and tfds log every file they touch at INFO; keep their warnings, drop the chatter."""
+  return record.levelno >= std_logging.WARNING or not any(
+      part in record.pathname for part in ('/orbax/', '/tensorflow_datasets/'))
 
 
 def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f'Unexpected arguments: {" ".join(argv[1:])}')
-  logging.get_absl_handler().addFilter(_quiet_orbax)
+  logging.get_absl_logger().addFilter(_quiet_libraries)
   # tf.data runs on the CPU; keep TensorFlow off the accelerators JAX uses.
   tf.config.set_visible_devices([], 'GPU')
   tf.config.set_visible_devices([], 'TPU')

@@ -12,6 +12,7 @@ from typing import Any, Callable
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 import optax
 from flax.training import train_state
 from jax import lax
@@ -30,6 +31,12 @@ class TrainState(train_state.TrainState):
   and is advanced only by validation results (`plateau_update`).
   """
   plateau: Any = None
+
+
+def replicated_sharding() -> jax.sharding.NamedSharding:
+  """How the pmapped steps hold the state: one full copy on every local device."""
+  mesh = jax.sharding.Mesh(np.asarray(jax.local_devices()), (AXIS,))
+  return jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())
 
 
 def create_model(config) -> models.VGG:
@@ -63,8 +70,10 @@ def create_train_state(config, rng: jax.Array, image_size: int) -> TrainState:
   model = create_model(config)
   dummy = jnp.zeros((1, image_size, image_size, 3), jnp.float32)
   params = jax.jit(lambda r: model.init(r, dummy, train=False))(rng)['params']
-  return TrainState.create(apply_fn=model.apply, params=params, tx=create_optimizer(config),
-                           plateau=create_plateau(config).init(params))
+  state = TrainState.create(apply_fn=model.apply, params=params, tx=create_optimizer(config),
+                            plateau=create_plateau(config).init(params))
+  # Placed as the pmapped step returns it, so the second step does not compile again.
+  return jax.device_put(state.replace(step=jnp.zeros((), jnp.int32)), replicated_sharding())
 
 
 def plateau_update(state: TrainState, config, validation_error: float) -> TrainState:

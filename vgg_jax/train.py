@@ -133,6 +133,7 @@ def train_and_evaluate(config, workdir: str) -> dict:
       progress.restart(step)
     if step % config.checkpoint_every_steps == 0 or step == num_steps:
       checkpoints.save(manager, state, config)
+      logging.info('Saving checkpoint of step %d in %s.', step, manager.directory)
   manager.wait_until_finished()
   writer.flush()
 
