@@ -121,13 +121,11 @@ class VGG(nn.Module):
         x = nn.Conv(scaled(channels, self.width), (size, size), padding='SAME', name=name,
                     **layer)(x)
         x = nn.relu(x)
-        self.sow('intermediates', name, x)
       x = nn.max_pool(x, (2, 2), strides=(2, 2))
     # Flattened in (height, width, channel) order, as Keras and the dense head of Sec. 3.2 expect.
     x = x.reshape(x.shape[0], -1)
     for name in ('fc6', 'fc7'):
       x = nn.relu(nn.Dense(scaled(FC_WIDTH, self.width), name=name, **layer)(x))
-      self.sow('intermediates', name, x)
       x = nn.Dropout(self.dropout_rate, deterministic=not train)(x)
     x = nn.Dense(self.num_classes, name='fc8', **layer)(x)
     return x.astype(jnp.float32)
