@@ -37,6 +37,19 @@ def get_config() -> ml_collections.ConfigDict:
   config.shuffle_buffer_size = 16_384
   config.cache = False  # Keep encoded examples in memory (small datasets).
 
+  # Test protocol (Sec. 3.2): `python -m vgg_jax.evaluate`, and during training.
+  config.test_scales = ()  # Q of multi-scale tests; (): S-32, S, S+32 or Smin, mid, Smax.
+  config.dense_batch_size = 32  # Whole images per dense-evaluation batch (global).
+  config.multicrop_batch_size = 8  # Images per multi-crop batch, 50 crops each (global).
+  # Dense inputs are padded up to multiples of dense_size_step and their long side cropped
+  # to dense_max_aspect * Q, bounding the distinct shapes, hence compilations, per scale.
+  config.dense_size_step = 64
+  config.dense_max_aspect = 2.0
+  # Protocols ('single', 'dense', 'multicrop', 'dense+multicrop' or 'all', comma-separated)
+  # also run during training, every eval_protocols_every_steps (-1: once, at the end).
+  config.eval_protocols = ''
+  config.eval_protocols_every_steps = -1
+
   # Optimisation: mini-batch SGD with momentum and L2 weight decay (Sec. 3.1).
   config.batch_size = 256  # Global, across all devices and hosts.
   config.eval_batch_size = 256

@@ -24,6 +24,9 @@ def get_config():
   config.cache = True
   config.batch_size = 64
   config.eval_batch_size = 120
+  config.dense_batch_size = 120
+  config.multicrop_batch_size = 40
+  config.dense_size_step = 32
   config.learning_rate = 0.005
   config.lr_plateau_patience = 4
   config.num_epochs = 40

@@ -10,6 +10,7 @@ import os
 from typing import Optional
 
 import jax
+import ml_collections
 import orbax.checkpoint as ocp
 
 from vgg_jax import steps
@@ -61,3 +62,39 @@ def restore_config(manager: ocp.CheckpointManager, step: Optional[int] = None) -
   """The config a checkpoint was trained with, as a dict."""
   step = manager.latest_step() if step is None else step
   return manager.restore(step, args=ocp.args.Composite(config=ocp.args.JsonRestore()))['config']
+
+
+def latest_step(workdir: str) -> int:
+  """The newest checkpointed step in WORKDIR; a clear error when there is none."""
+  manager = ocp.CheckpointManager(checkpoint_dir(workdir), item_names=('state', 'config'))
+  step = manager.latest_step()
+  if step is None:
+    raise FileNotFoundError(f'{checkpoint_dir(workdir)} holds no checkpoint: train first with '
+                            f'python -m vgg_jax.main --workdir={workdir}.')
+  return step
+
+
+def load_config(workdir: str, step: Optional[int] = None) -> ml_collections.ConfigDict:
+  """The config WORKDIR's checkpoint was trained with (newest step unless `step`)."""
+  step = latest_step(workdir) if step is None else step
+  manager = ocp.CheckpointManager(checkpoint_dir(workdir), item_names=('state', 'config'))
+  saved = restore_config(manager, step)
+  if isinstance(saved.get('train_scale'), list):
+    saved['train_scale'] = tuple(saved['train_scale'])
+  for field in ('mean_rgb', 'test_scales'):
+    if isinstance(saved.get(field), list):
+      saved[field] = tuple(saved[field])
+  return ml_collections.ConfigDict(saved)
+
+
+def restore_params(workdir: str, config, step: Optional[int] = None):
+  """Only the parameters of WORKDIR's checkpoint (newest step unless `step`), replicated on
+  the local devices: evaluation needs neither the optimiser state nor its memory."""
+  step = latest_step(workdir) if step is None else step
+  manager = ocp.CheckpointManager(checkpoint_dir(workdir), item_names=('state', 'config'))
+  model = steps.create_model(config)
+  dummy = jax.ShapeDtypeStruct((1, config.image_size, config.image_size, 3), jax.numpy.float32)
+  abstract = jax.eval_shape(lambda x: model.init(jax.random.key(0), x), dummy)['params']
+  restored = manager.restore(step, args=ocp.args.Composite(state=ocp.args.PyTreeRestore(
+      item={'params': _replicated(abstract)}, partial_restore=True)))['state']
+  return restored['params']

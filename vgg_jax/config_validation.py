@@ -4,6 +4,7 @@ from vgg_jax import models
 
 DTYPE_NAMES = ('float32', 'bfloat16', 'float16')
 INITS = ('paper', 'glorot')
+PROTOCOLS = ('single', 'dense', 'multicrop', 'dense+multicrop')
 
 
 class ConfigError(ValueError):
@@ -12,6 +13,15 @@ class ConfigError(ValueError):
 
 def _fail(field: str, value, why: str):
   raise ConfigError(f'config.{field}={value!r}: {why}')
+
+
+def parse_protocols(spec: str, name: str = '--protocol') -> tuple[str, ...]:
+  """'all' or a comma-separated list of PROTOCOLS (Sec. 3.2's test protocols), checked."""
+  names = PROTOCOLS if spec == 'all' else tuple(p.strip() for p in spec.split(',') if p.strip())
+  if not names or any(p not in PROTOCOLS for p in names):
+    raise ConfigError(f'{name}={spec!r}: expected "all" or a comma-separated list of '
+                      f'{", ".join(PROTOCOLS)}.')
+  return names
 
 
 def scale_bounds(train_scale) -> tuple[int, int]:
@@ -55,7 +65,18 @@ def validate(config, num_devices: int) -> None:
           f'{size}x{size} crop does not fit; raise train_scale or lower image_size.')
   if config.eval_scale is not None and config.eval_scale < size:
     _fail('eval_scale', config.eval_scale, f'is smaller than image_size={size}.')
-  for field in ('batch_size', 'eval_batch_size'):
+  for q in config.get('test_scales') or ():
+    if isinstance(q, bool) or not isinstance(q, int) or q < size:
+      _fail('test_scales', config.test_scales, f'each Q must be an int >= image_size={size}.')
+  if config.get('dense_size_step', 1) <= 0:
+    _fail('dense_size_step', config.dense_size_step, 'must be positive, e.g. 64.')
+  if config.get('dense_max_aspect', 1.0) < 1:
+    _fail('dense_max_aspect', config.dense_max_aspect, 'must be >= 1 (long side / short side).')
+  if config.get('eval_protocols'):
+    parse_protocols(config.eval_protocols, name='config.eval_protocols')
+  for field in ('batch_size', 'eval_batch_size', 'dense_batch_size', 'multicrop_batch_size'):
+    if field not in config:
+      continue
     batch = config[field]
     if batch <= 0 or batch % num_devices:
       _fail(field, batch, f'must be a positive multiple of the {num_devices} devices '

@@ -21,6 +21,7 @@ import tensorflow as tf
 import tensorflow_datasets as tfds
 
 from vgg_jax import config_validation
+from vgg_jax import evaluation
 from vgg_jax import datasets  # pylint: disable=unused-import  # Registers vgg_jax's builders.
 
 IMAGENET_ARCHIVES = ('ILSVRC2012_img_train.tar', 'ILSVRC2012_img_val.tar')
@@ -32,10 +33,7 @@ IMAGENET_ARCHIVES = ('ILSVRC2012_img_train.tar', 'ILSVRC2012_img_val.tar')
 
 def eval_scale(config) -> int:
   """Q of single-scale testing: `config.eval_scale`, else S, else (Smin + Smax) / 2 (Sec. 3.2)."""
-  if config.eval_scale:
-    return int(config.eval_scale)
-  smin, smax = config_validation.scale_bounds(config.train_scale)
-  return (smin + smax) // 2
+  return evaluation.single_test_scale(config)
 
 
 def get_builder(config) -> tfds.core.DatasetBuilder:
@@ -143,6 +141,40 @@ def eval_transform(encoded: tf.Tensor, *, scale: int, image_size: int) -> tf.Ten
   return to_uint8(image[top:top + image_size, left:left + image_size])
 
 
+def dense_test_image(encoded: tf.Tensor, *, scale: int, size_step: int,
+                     max_aspect: float) -> tuple[tf.Tensor, tf.Tensor]:
+  """Sec. 3.2 dense evaluation input: the whole image rescaled to Q, as (padded image, size).
+
+  The long side is centre-cropped to max_aspect * Q, and both sides are zero-padded on the
+  bottom/right up to a multiple of `size_step`, so images of all aspect ratios fall into a
+  few shapes (`evaluation.dense_shapes_bound`) and the net compiles once per shape.
+  """
+  image = to_uint8(rescale(decode(encoded), scale))
+  shape = tf.shape(image)[:2]
+  kept = tf.minimum(shape, max(scale, int(max_aspect * scale)))
+  top, left = (shape[0] - kept[0]) // 2, (shape[1] - kept[1]) // 2
+  image = image[top:top + kept[0], left:left + kept[1]]
+  padded = -(-kept // size_step) * size_step
+  image = tf.pad(image, [[0, padded[0] - kept[0]], [0, padded[1] - kept[1]], [0, 0]])
+  return image, kept
+
+
+def multicrop_test_crops(encoded: tf.Tensor, *, scale: int, image_size: int) -> tf.Tensor:
+  """Sec. 3.2 multi-crop input: the image rescaled to Q, then a 5 x 5 regular grid of
+  image_size^2 crops from corner to corner, (25, size, size, 3) uint8 (flips are added on
+  the device)."""
+  image = to_uint8(rescale(decode(encoded), scale))
+  shape = tf.shape(image)
+  grid = evaluation.CROP_GRID
+
+  def offsets(length):
+    return [tf.cast(tf.round(i * (length - image_size) / (grid - 1)), tf.int32)
+            for i in range(grid)]
+
+  return tf.stack([image[top:top + image_size, left:left + image_size]
+                   for top in offsets(shape[0]) for left in offsets(shape[1])])
+
+
 # ---------------------------------------------------------------------------------------------
 # Batches.
 
@@ -232,6 +264,61 @@ def eval_dataset(builder, config, split: Optional[str] = None) -> tuple[tf.data.
   ds = ds.concatenate(padding).take(num_batches * local_batch).batch(local_batch)
   ds = ds.map(lambda batch: _device_shape(batch, jax.local_device_count()))
   return ds.prefetch(tf.data.AUTOTUNE).with_options(_options()), num_batches
+
+
+def _pad_batch(batch: dict, size: int) -> dict:
+  """Pads a partial last batch to `size` examples; the padding has mask False."""
+  missing = size - tf.shape(batch['mask'])[0]
+  return {key: tf.pad(value, [[0, missing]] + [[0, 0]] * (len(value.shape) - 1))
+          for key, value in batch.items()}
+
+
+def test_batches(builder, config, method: str, scale: int,
+                 split: Optional[str] = None) -> tf.data.Dataset:
+  """This process's part of `split` for one pass of the test protocol (`evaluation.run`).
+
+  method 'dense': whole images at Q (`dense_test_image`), grouped so a batch holds one
+  shape; 'multicrop': 25 crops per image (`multicrop_test_crops`). Every batch has
+  config.{dense,multicrop}_batch_size / processes images, padding masked out, each with its
+  'label' and its 'index' in this process's part of the split. Batches are shaped
+  (local_devices, per_device, ...).
+  """
+  split = split or config.eval_split
+  image_key, label_key = supervised_keys(builder)
+  global_batch = config.dense_batch_size if method == evaluation.DENSE else (
+      config.multicrop_batch_size)
+  local_batch = global_batch // jax.process_count()
+  ds = _read(builder, tfds.split_for_jax_process(split, drop_remainder=False), cache=False)
+
+  def prepare(index, example):
+    features = {'label': tf.cast(example[label_key], tf.int32), 'index': index,
+                'mask': tf.constant(True)}
+    if method == evaluation.DENSE:
+      features['image'], features['size'] = dense_test_image(
+          example[image_key], scale=scale, size_step=config.dense_size_step,
+          max_aspect=config.dense_max_aspect)
+    else:
+      features['crops'] = multicrop_test_crops(example[image_key], scale=scale,
+                                               image_size=config.image_size)
+    return features
+
+  ds = ds.enumerate().map(prepare, num_parallel_calls=tf.data.AUTOTUNE)
+  if method == evaluation.DENSE:
+    shape_key = lambda f: tf.cast(tf.shape(f['image'])[0] * 1_000_003 + tf.shape(f['image'])[1],
+                                  tf.int64)
+    ds = ds.group_by_window(shape_key, lambda _, group: group.batch(local_batch),
+                            window_size=local_batch)
+  else:
+    ds = ds.batch(local_batch)
+  ds = ds.map(lambda batch: _device_shape(_pad_batch(batch, local_batch),
+                                          jax.local_device_count()))
+  return ds.prefetch(tf.data.AUTOTUNE).with_options(_options())
+
+
+def test_batch_iterator(builder, config, method: str, scale: int,
+                        split: Optional[str] = None) -> Iterator[dict]:
+  """`test_batches` as numpy, the form `evaluation.run` takes."""
+  return as_numpy(test_batches(builder, config, method, scale, split))
 
 
 def prefetch_to_device(batches: Iterator, size: int = 2) -> Iterator:

@@ -6,11 +6,13 @@ data; the `VGG` module just walks it, naming every layer as the paper's tables d
 `fc6`) so a parameter tree reads like Table 1.
 """
 
+import math
 from typing import Any, Callable, Sequence
 
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
+from jax import lax
 
 Dtype = Any
 
@@ -78,6 +80,50 @@ def scaled(channels: int, width: float) -> int:
   return max(1, int(round(channels * width)))
 
 
+class GridDense(nn.Module):
+  """fc6: a fully-connected layer on the (g, g, C) grid of conv5 features, kept as a
+  (g * g * C, features) kernel, that can also slide over a larger grid as a g x g convolution.
+
+  Sec. 3.2's dense evaluation: "the first FC layer is converted to a 7 x 7 conv. layer". The
+  convolution reads the same kernel, reshaped in the (row, column, channel) order the flatten
+  uses, so a checkpoint holds one copy of fc6 for both uses. The grid is square, as training
+  crops are.
+  """
+  features: int
+  dtype: Dtype = jnp.float32
+  param_dtype: Dtype = jnp.float32
+  kernel_init: Callable = nn.initializers.lecun_normal()
+  bias_init: Callable = nn.initializers.zeros
+
+  @nn.compact
+  def __call__(self, x: jax.Array, dense: bool = False) -> jax.Array:
+    _, height, width, channels = x.shape
+    if not dense:
+      kernel = self.param('kernel', self.kernel_init, (height * width * channels, self.features),
+                          self.param_dtype)
+      bias = self.param('bias', self.bias_init, (self.features,), self.param_dtype)
+      x, kernel, bias = nn.dtypes.promote_dtype(x.reshape(x.shape[0], -1), kernel, bias,
+                                                dtype=self.dtype)
+      return x @ kernel + bias
+    kernel = self.get_variable('params', 'kernel')
+    bias = self.get_variable('params', 'bias')
+    if kernel is None:
+      raise ValueError('Dense evaluation applies trained parameters: initialise the model on '
+                       'training-size images, then call it with dense=True.')
+    grid = math.isqrt(kernel.shape[0] // channels)
+    if grid * grid * channels != kernel.shape[0]:
+      raise ValueError(f'fc6 kernel of shape {kernel.shape} is not a square grid of '
+                       f'{channels}-channel conv5 features.')
+    if height < grid or width < grid:
+      raise ValueError(f'Dense evaluation needs images at least the training size: the conv5 '
+                       f'grid is {height}x{width}, fc6 spans {grid}x{grid}.')
+    x, kernel, bias = nn.dtypes.promote_dtype(x, kernel, bias, dtype=self.dtype)
+    kernel = kernel.reshape(grid, grid, channels, self.features)
+    x = lax.conv_general_dilated(x, kernel, (1, 1), 'VALID',
+                                 dimension_numbers=('NHWC', 'HWIO', 'NHWC'))
+    return x + bias
+
+
 class VGG(nn.Module):
   """A VGG net of Table 1, on NHWC inputs that are already normalised.
 
@@ -99,10 +145,19 @@ class VGG(nn.Module):
   init_std: float = 0.01
 
   @nn.compact
-  def __call__(self, x: jax.Array, train: bool = False) -> jax.Array:
+  def __call__(self, x: jax.Array, train: bool = False, dense: bool = False) -> jax.Array:
+    """Logits (N, num_classes); with `dense`, the class score map (N, h, w, num_classes).
+
+    Dense evaluation (Sec. 3.2) runs the net fully-convolutionally on a whole test image of
+    any size at least the training size: fc6 becomes a g x g convolution (g = training size
+    / 32), fc7 and fc8 1 x 1 convolutions, all with the trained parameters. Each score-map
+    location scores one training-size window, at stride 32.
+    """
     if self.variant not in VGG_SPECS:
       raise ValueError(f'variant={self.variant!r}: expected one of {", ".join(VARIANTS)}.')
-    if x.shape[1] % DOWNSAMPLING or x.shape[2] % DOWNSAMPLING:
+    if train and dense:
+      raise ValueError('Dense (fully-convolutional) application is for evaluation only.')
+    if not dense and (x.shape[1] % DOWNSAMPLING or x.shape[2] % DOWNSAMPLING):
       raise ValueError(f'Input of spatial size {x.shape[1:3]}: VGG needs multiples of '
                        f'{DOWNSAMPLING} (five 2x2 max-pools).')
     layer = dict(dtype=self.dtype, param_dtype=jnp.float32,
@@ -122,11 +177,12 @@ class VGG(nn.Module):
                     **layer)(x)
         x = nn.relu(x)
       x = nn.max_pool(x, (2, 2), strides=(2, 2))
-    # Flattened in (height, width, channel) order, as Keras and the dense head of Sec. 3.2 expect.
-    x = x.reshape(x.shape[0], -1)
-    for name in ('fc6', 'fc7'):
-      x = nn.relu(nn.Dense(scaled(FC_WIDTH, self.width), name=name, **layer)(x))
-      x = nn.Dropout(self.dropout_rate, deterministic=not train)(x)
+    # fc6 flattens in (height, width, channel) order, as Keras does; on a dense score map
+    # fc7 and fc8 act on the channel axis of every location, i.e. as 1 x 1 convolutions.
+    x = nn.relu(GridDense(scaled(FC_WIDTH, self.width), name='fc6', **layer)(x, dense=dense))
+    x = nn.Dropout(self.dropout_rate, deterministic=not train)(x)
+    x = nn.relu(nn.Dense(scaled(FC_WIDTH, self.width), name='fc7', **layer)(x))
+    x = nn.Dropout(self.dropout_rate, deterministic=not train)(x)
     x = nn.Dense(self.num_classes, name='fc8', **layer)(x)
     return x.astype(jnp.float32)
 

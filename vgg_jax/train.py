@@ -6,6 +6,7 @@ plateau rule of Sec. 3.1; writes TensorBoard summaries and, at the end,
 WORKDIR/eval_metrics.json.
 """
 
+import functools
 import json
 import os
 import time
@@ -17,7 +18,9 @@ import numpy as np
 
 from vgg_jax import checkpoints
 from vgg_jax import config_validation
+from vgg_jax import evaluation
 from vgg_jax import input_pipeline
+from vgg_jax import report
 from vgg_jax import steps
 
 
@@ -57,6 +60,28 @@ def evaluate(p_eval_step, state, builder, config) -> dict:
   count = int(totals.pop('num_examples'))
   return {**{name: float(value) / count for name, value in totals.items()},
           'num_examples': count}
+
+
+def evaluate_protocols(state, builder, config, workdir: str, step: int, writer,
+                       final: bool) -> dict:
+  """Sec. 3.2's test protocols (config.eval_protocols) on the eval split, during training.
+
+  Results go to TensorBoard as test/PROTOCOL/top{1,5}_error; the final ones also to
+  WORKDIR/eval/results.json and results.md, as `python -m vgg_jax.evaluate` writes them.
+  """
+  protocols = config_validation.parse_protocols(config.eval_protocols,
+                                                name='config.eval_protocols')
+  num_examples = -(-builder.info.splits[config.eval_split].num_examples // jax.process_count())
+  results, _ = evaluation.run(state.params, config, protocols,
+                              functools.partial(input_pipeline.test_batch_iterator, builder, config),
+                              num_examples)
+  writer.write_scalars(step, {f'test/{protocol}/{metric}': r[metric]
+                              for protocol, r in results.items()
+                              for metric in ('top1_error', 'top5_error')})
+  if final and jax.process_index() == 0:
+    report.write(workdir, report.annotate(results, config, step, config.eval_split),
+                 f'Evaluation of {workdir}: {config.dataset}, split {config.eval_split!r}')
+  return results
 
 
 def _create_writer(workdir: str) -> metric_writers.MetricWriter:
@@ -130,6 +155,11 @@ def train_and_evaluate(config, workdir: str) -> dict:
                    100 * eval_metrics['top1_error'], 100 * eval_metrics['top5_error'])
       if step % eval_every == 0:
         state = steps.plateau_update(state, config, eval_metrics['top1_error'])
+      progress.restart(step)
+    protocols_every = config.eval_protocols_every_steps
+    if config.eval_protocols and (step == num_steps or
+                                  (protocols_every > 0 and step % protocols_every == 0)):
+      evaluate_protocols(state, builder, config, workdir, step, writer, final=step == num_steps)
       progress.restart(step)
     if step % config.checkpoint_every_steps == 0 or step == num_steps:
       checkpoints.save(manager, state, config)

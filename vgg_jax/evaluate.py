@@ -1,0 +1,130 @@
+"""Tests trained nets with the paper's protocol (Sec. 3.2, Tables 3-6).
+
+  python -m vgg_jax.evaluate --workdir=DIR [--protocol=single|dense|multicrop|dense+multicrop|all]
+      [--scales=Q1,Q2,...] [--fuse=DIR2,DIR3,...]
+
+evaluates the newest checkpoint in DIR, with the config it was trained with, on the
+validation split and writes DIR/eval/results.json and DIR/eval/results.md. `--fuse` also
+evaluates the nets in DIR2, ... and averages all nets' soft-max posteriors (Table 6).
+"""
+
+import functools
+
+from absl import app
+from absl import flags
+from absl import logging
+import jax
+
+from vgg_jax import checkpoints
+from vgg_jax import cli
+from vgg_jax import config_validation
+from vgg_jax import evaluation
+from vgg_jax import input_pipeline
+from vgg_jax import report
+
+FLAGS = flags.FLAGS
+flags.DEFINE_string('workdir', None, 'Training workdir whose newest checkpoint is evaluated.')
+flags.DEFINE_string('protocol', 'all', 'Comma-separated: single, dense, multicrop, '
+                    'dense+multicrop; or all.')
+flags.DEFINE_list('scales', None, 'Test scales Q for the multi-scale protocols; default: '
+                  'from the training scale (Sec. 3.2).')
+flags.DEFINE_list('fuse', [], 'Workdirs of further nets whose posteriors are averaged with '
+                  "DIR's (Table 6).")
+flags.DEFINE_string('split', None, 'Split to evaluate; default: the config\'s eval_split.')
+flags.DEFINE_string('data_dir', None, 'tfds data_dir, if not the one used in training.')
+flags.DEFINE_integer('dense_batch_size', None, 'Overrides config.dense_batch_size.')
+flags.DEFINE_integer('multicrop_batch_size', None, 'Overrides config.multicrop_batch_size.')
+flags.mark_flags_as_required(['workdir'])
+
+
+def _load(workdir: str, overrides: dict):
+  config = checkpoints.load_config(workdir)
+  with config.unlocked():
+    config.update({k: v for k, v in overrides.items() if v is not None})
+  config_validation.validate(config, jax.device_count())
+  return config
+
+
+def evaluate_workdirs(workdir: str, protocols=evaluation.PROTOCOLS, scales=None, fuse=(),
+                      split=None, **overrides) -> dict:
+  """Evaluates DIR (and fuses the nets of `fuse` with it); returns the results written to
+  DIR/eval/results.json by this call."""
+  dirs = [workdir, *fuse]
+  configs = [_load(d, overrides) for d in dirs]
+  for d, config in zip(dirs[1:], configs[1:]):
+    for field in ('dataset', 'num_classes'):
+      if config[field] != configs[0][field]:
+        raise config_validation.ConfigError(
+            f'--fuse={d}: its config.{field}={config[field]!r} differs from {workdir}\'s '
+            f'{configs[0][field]!r}; fused nets must classify the same dataset.')
+  split = split or configs[0].eval_split
+  builder = input_pipeline.get_builder(configs[0])
+  if split not in builder.info.splits:
+    raise ValueError(f'--split={split!r}: {configs[0].dataset} has splits '
+                     f'{", ".join(builder.info.splits)}.')
+  num_examples = -(-builder.info.splits[split].num_examples // jax.process_count())
+
+  results, members = {}, []
+  for d, config in zip(dirs, configs):
+    step = checkpoints.latest_step(d)
+    logging.info('Evaluating %s (net %s, step %d) on %s %s: %s.', d, config.variant, step,
+                 config.dataset, split, ', '.join(protocols))
+    params = checkpoints.restore_params(d, config, step)
+    net_results, posts = evaluation.run(
+        params, config, protocols,
+        functools.partial(input_pipeline.test_batch_iterator, builder, config, split=split),
+        num_examples, scales=scales)
+    net_results = report.annotate(net_results, config, step, split)
+    members.append((d, config, net_results, posts))
+    del params
+  results.update(members[0][2])
+
+  if fuse:
+    fused = evaluation.fuse([posts for *_, posts in members])
+    for protocol, post in fused.items():
+      per_net = [net_results[protocol] for _, _, net_results, _ in members]
+      results[f'fused:{protocol}'] = {
+          **evaluation.errors(post),
+          'net': '+'.join(r['net'] for r in per_net),
+          'train_scale': ', '.join(r['train_scale'] for r in per_net),
+          'scales': sorted({q for r in per_net for q in r['scales']}),
+          'crops_per_image': sum(r['crops_per_image'] for r in per_net),
+          'img_per_s': jax.process_count() / post.seconds_per_image,
+          'step': [r['step'] for r in per_net],
+          'nets': dirs,
+          'members': {d: {k: r[k] for k in ('net', 'top1_error', 'top5_error', 'scales')}
+                      for d, r in zip(dirs, per_net)},
+          'paper': report.paper_fusion_result([c for _, c, _, _ in members], protocol,
+                                              [r['scales'] for r in per_net], split),
+      }
+      logging.info('Fused %s (%s): top-1 error %.2f%%, top-5 error %.2f%%.', protocol,
+                   results[f'fused:{protocol}']['net'],
+                   100 * results[f'fused:{protocol}']['top1_error'],
+                   100 * results[f'fused:{protocol}']['top5_error'])
+
+  if jax.process_index() == 0:
+    title = (f'Evaluation of {workdir}: {configs[0].dataset}, split {split!r}')
+    directory = report.write(workdir, results, title)
+    logging.info('Results in %s/results.json and results.md.', directory)
+  return results
+
+
+def main(argv):
+  if len(argv) > 1:
+    raise app.UsageError(f'Unexpected arguments: {" ".join(argv[1:])}')
+  cli.setup()
+  protocols = config_validation.parse_protocols(FLAGS.protocol)
+  scales = None
+  if FLAGS.scales:
+    try:
+      scales = [int(q) for q in FLAGS.scales]
+    except ValueError:
+      raise app.UsageError(f'--scales={",".join(FLAGS.scales)}: expected integers, e.g. '
+                           '--scales=256,384,512.') from None
+  evaluate_workdirs(FLAGS.workdir, protocols, scales, FLAGS.fuse, FLAGS.split,
+                    data_dir=FLAGS.data_dir, dense_batch_size=FLAGS.dense_batch_size,
+                    multicrop_batch_size=FLAGS.multicrop_batch_size)
+
+
+if __name__ == '__main__':
+  app.run(main)

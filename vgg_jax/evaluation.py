@@ -1,0 +1,299 @@
+"""The paper's test protocol (Sec. 3.2): dense and multi-crop evaluation, several scales, fusion.
+
+A test image is rescaled so its smallest side is Q, then scored two ways:
+
+- dense: the net runs fully-convolutionally on the whole image (`VGG(..., dense=True)`), the
+  class score map is averaged over its locations, and the soft-max of the image and of its
+  horizontal flip are averaged;
+- multi-crop: a 5 x 5 regular grid of training-size crops spanning the image, each also
+  flipped, 50 soft-max outputs averaged.
+
+Posteriors are averaged over the test scales Q (Table 4), over the two methods
+(dense+multicrop, Table 5) and over several nets (fusion, Table 6). Each pass yields one
+posterior per example of this process's part of the split, in split order, so any of them
+can be averaged with any other; top-1/top-5 errors are exact counts summed over processes.
+
+Each process runs its own images at its own pace: the steps are mapped over the local devices
+only, with no collective, so the varying image shapes of dense evaluation never have to line
+up across hosts. No tensorflow here: the batches come from `input_pipeline.test_batches`.
+"""
+
+import dataclasses
+import time
+from typing import Callable, Iterable, Iterator, Optional, Sequence
+
+from absl import logging
+import jax
+from jax.experimental import multihost_utils
+import jax.numpy as jnp
+import numpy as np
+
+from vgg_jax import config_validation
+from vgg_jax import models
+from vgg_jax import preprocess
+from vgg_jax import steps
+
+PROTOCOLS = config_validation.PROTOCOLS
+parse_protocols = config_validation.parse_protocols
+DENSE, MULTICROP = 'dense', 'multicrop'
+# Sec. 3.2: per scale, a 5 x 5 grid of crops, each with its horizontal flip.
+CROP_GRID = 5
+CROPS_PER_SCALE = 2 * CROP_GRID * CROP_GRID
+# Which passes (method, which scales) each protocol averages.
+_PASSES = {'single': ((DENSE, 'single'),), 'dense': ((DENSE, 'all'),),
+           'multicrop': ((MULTICROP, 'all'),),
+           'dense+multicrop': ((DENSE, 'all'), (MULTICROP, 'all'))}
+
+
+# ---------------------------------------------------------------------------------------------
+# Test scales (Sec. 3.2).
+
+
+def single_test_scale(config) -> int:
+  """Q of single-scale testing: `config.eval_scale`, else S, else (Smin + Smax) / 2."""
+  if config.eval_scale:
+    return int(config.eval_scale)
+  smin, smax = config_validation.scale_bounds(config.train_scale)
+  return (smin + smax) // 2
+
+
+def test_scales(config) -> tuple[int, ...]:
+  """Multi-scale testing: `config.test_scales`, else the paper's {S - 32, S, S + 32} for a
+  fixed S and {Smin, (Smin + Smax) / 2, Smax} for a jittered one."""
+  if config.get('test_scales'):
+    return tuple(int(q) for q in config.test_scales)
+  smin, smax = config_validation.scale_bounds(config.train_scale)
+  if smin == smax:
+    return (smin - 32, smin, smin + 32)
+  return (smin, (smin + smax) // 2, smax)
+
+
+def check_scales(scales: Sequence[int], image_size: int) -> None:
+  small = [q for q in scales if q < image_size]
+  if small:
+    raise ValueError(f'Test scales {", ".join(map(str, small))} are smaller than the '
+                     f'{image_size}-pixel training crop: every Q must be >= {image_size}.')
+
+
+def crop_offsets(length: int, crop: int, num: int = CROP_GRID) -> list[int]:
+  """Top (or left) edges of `num` crops regularly spaced from edge to edge (Sec. 3.2)."""
+  return [int(round(i * (length - crop) / (num - 1))) for i in range(num)]
+
+
+def dense_shapes_bound(q: int, config) -> int:
+  """How many image shapes (hence compilations) dense evaluation at scale `q` can meet.
+
+  The long side is capped at dense_max_aspect * q and both sides are padded up to a
+  multiple of dense_size_step: one square shape plus, per orientation, one per step.
+  """
+  step = config.dense_size_step
+  short = -(-q // step) * step
+  long = -(-max(q, int(config.dense_max_aspect * q)) // step) * step
+  return 1 + 2 * ((long - short) // step)
+
+
+# ---------------------------------------------------------------------------------------------
+# Device side: one batch of images -> one posterior per image.
+
+
+def _flip_valid(images: jax.Array, widths: jax.Array) -> jax.Array:
+  """Horizontal flip of each image's valid (unpadded) columns; padding stays on the right."""
+  columns = jnp.arange(images.shape[2])
+  index = jnp.where(columns[None] < widths[:, None], widths[:, None] - 1 - columns[None],
+                    columns[None])
+  return jnp.take_along_axis(images, index[:, None, :, None], axis=2)
+
+
+def dense_posteriors(params, images: jax.Array, sizes: jax.Array, *, model: models.VGG,
+                     mean_rgb) -> jax.Array:
+  """Sec. 3.2 dense evaluation of a batch of padded images: (B, H, W, 3) uint8 whose valid
+  part is sizes[i] = (height, width) -> (B, num_classes) soft-max posteriors.
+
+  Only score-map locations whose window lies inside the image are averaged; the padding is
+  set to the mean colour (zero after normalisation), as a convolution's own padding is.
+  """
+  heights, widths = sizes[:, 0], sizes[:, 1]
+  rows, columns = jnp.arange(images.shape[1]), jnp.arange(images.shape[2])
+  inside = ((rows[None, :, None] < heights[:, None, None]) &
+            (columns[None, None, :] < widths[:, None, None]))
+  x = preprocess.normalize(images, mean_rgb, model.dtype)
+  x = jnp.where(inside[..., None], x, 0).astype(model.dtype)
+  x = jnp.concatenate([x, _flip_valid(x, widths)])
+  scores = model.apply({'params': params}, x, dense=True)
+  # A score at (r, c) covers grid cells [r, r + g) x [c, c + g) of the conv5 grid.
+  grid = images.shape[1] // models.DOWNSAMPLING - scores.shape[1] + 1
+  valid_rows = jnp.arange(scores.shape[1])[None] + grid <= heights[:, None] // models.DOWNSAMPLING
+  valid_cols = jnp.arange(scores.shape[2])[None] + grid <= widths[:, None] // models.DOWNSAMPLING
+  valid = (valid_rows[:, :, None] & valid_cols[:, None, :]).astype(jnp.float32)
+  valid = jnp.concatenate([valid, valid])[..., None]
+  mean_scores = jnp.sum(scores * valid, axis=(1, 2)) / jnp.maximum(
+      jnp.sum(valid, axis=(1, 2)), 1.0)
+  probs = jax.nn.softmax(mean_scores)
+  half = images.shape[0]
+  return 0.5 * (probs[:half] + probs[half:])
+
+
+def multicrop_posteriors(params, crops: jax.Array, *, model: models.VGG, mean_rgb) -> jax.Array:
+  """Sec. 3.2 multi-crop evaluation: (B, 25, s, s, 3) uint8 crops -> (B, num_classes), the
+  mean soft-max over the 25 crops and their 25 flips."""
+  batch, num_crops = crops.shape[:2]
+  x = preprocess.normalize(crops.reshape(-1, *crops.shape[2:]), mean_rgb, model.dtype)
+  x = jnp.concatenate([x, x[:, :, ::-1]])
+  probs = jax.nn.softmax(model.apply({'params': params}, x))
+  return probs.reshape(2, batch, num_crops, -1).mean(axis=(0, 2))
+
+
+def pmap_posteriors(method: str, model: models.VGG, mean_rgb) -> Callable:
+  """The `method` step mapped over this process's devices (no collective: see module doc)."""
+  if method == DENSE:
+    fn = lambda params, batch: dense_posteriors(params, batch['image'], batch['size'],
+                                                model=model, mean_rgb=mean_rgb)
+  else:
+    fn = lambda params, batch: multicrop_posteriors(params, batch['crops'], model=model,
+                                                    mean_rgb=mean_rgb)
+  return jax.pmap(fn, in_axes=(None, 0), devices=jax.local_devices())
+
+
+# ---------------------------------------------------------------------------------------------
+# Host side: posteriors of a whole split, errors, protocols.
+
+
+@dataclasses.dataclass
+class Posteriors:
+  """Soft-max posteriors of this process's examples, in split order."""
+  probs: np.ndarray  # (n, num_classes) float32
+  labels: np.ndarray  # (n,) int
+  # Wall time per image on this process, timed on batches of already-compiled shapes.
+  seconds_per_image: float
+  shapes: tuple  # distinct device-batch shapes met (one compilation each)
+
+  def average(self, others: Sequence['Posteriors']) -> 'Posteriors':
+    group = [self, *others]
+    for other in others:
+      if not np.array_equal(other.labels, self.labels):
+        raise ValueError('Posteriors of different examples cannot be averaged: the nets or '
+                         'passes read different splits.')
+    return Posteriors(np.mean([p.probs for p in group], axis=0), self.labels,
+                      sum(p.seconds_per_image for p in group),
+                      tuple(sorted({s for p in group for s in p.shapes})))
+
+
+class _Progress:
+  """Logs images done, img/s and ETA every `every` seconds."""
+
+  def __init__(self, name: str, total: int, every: float = 30.0):
+    self.name, self.total, self.every = name, total, every
+    self.start = self.last = time.perf_counter()
+
+  def update(self, done: int) -> None:
+    now = time.perf_counter()
+    if now - self.last < self.every and done < self.total:
+      return
+    self.last = now
+    rate = done / max(now - self.start, 1e-9)
+    logging.info('%s: %d/%d images, %.1f img/s, ETA %ds', self.name, done, self.total, rate,
+                 max(self.total - done, 0) / max(rate, 1e-9))
+
+
+def posteriors(p_step: Callable, params, batches: Iterable[dict], name: str = '',
+               num_examples: int = 0) -> Posteriors:
+  """Runs `p_step` over `batches` ({..., 'label', 'index', 'mask'} shaped (devices, per
+  device, ...)) and keeps the posteriors of the unmasked examples, sorted by 'index'."""
+  probs, labels, indices, shapes = [], [], [], set()
+  progress = _Progress(name, num_examples)
+  timed_seconds, timed_images, all_seconds = 0.0, 0, 0.0
+  for batch in batches:
+    start = time.perf_counter()
+    inputs = {k: v for k, v in batch.items() if k in ('image', 'size', 'crops')}
+    shape = tuple(tuple(v.shape) for _, v in sorted(inputs.items()))
+    out = np.asarray(jax.device_get(p_step(params, inputs)))
+    mask = np.asarray(batch['mask']).reshape(-1)
+    probs.append(out.reshape(-1, out.shape[-1])[mask])
+    labels.append(np.asarray(batch['label']).reshape(-1)[mask])
+    indices.append(np.asarray(batch['index']).reshape(-1)[mask])
+    seconds = time.perf_counter() - start
+    all_seconds += seconds
+    if shape in shapes:  # Not the batch that compiled this shape.
+      timed_seconds, timed_images = timed_seconds + seconds, timed_images + len(mask)
+    shapes.add(shape)
+    progress.update(sum(len(i) for i in indices))
+  indices = np.concatenate(indices)
+  order = np.argsort(indices, kind='stable')
+  if not np.array_equal(indices[order], np.arange(len(indices))):
+    raise RuntimeError(f'{name}: examples were dropped or repeated.')
+  per_image = (timed_seconds / timed_images if timed_images
+               else all_seconds / max(len(indices), 1))
+  return Posteriors(np.concatenate(probs)[order], np.concatenate(labels)[order], per_image,
+                    tuple(sorted(shapes)))
+
+
+def errors(post: Posteriors) -> dict:
+  """Exact top-1 / top-5 error over every example of every process.
+
+  Ties count against the label and NaNs are never right, as in `steps.topk_correct`.
+  """
+  label_prob = np.take_along_axis(post.probs, post.labels[:, None], axis=1)
+  rank = np.sum(post.probs >= label_prob, axis=1)
+  k = min(5, post.probs.shape[1])
+  counts = np.array([len(post.labels), np.sum((rank >= 1) & (rank <= 1)),
+                     np.sum((rank >= 1) & (rank <= k))], np.int64)
+  totals = np.asarray(multihost_utils.process_allgather(counts)).reshape(-1, 3).sum(axis=0)
+  total, top1, top5 = (int(t) for t in totals)
+  return {'top1_error': 1.0 - top1 / total, 'top5_error': 1.0 - top5 / total,
+          'num_examples': total}
+
+
+def protocol_passes(protocols: Sequence[str], single: int,
+                    scales: Sequence[int]) -> dict[str, list[tuple[str, int]]]:
+  """For each protocol, the (method, Q) passes whose posteriors it averages."""
+  passes = {}
+  for protocol in protocols:
+    passes[protocol] = [(method, q) for method, which in _PASSES[protocol]
+                        for q in ((single,) if which == 'single' else scales)]
+  return passes
+
+
+def run(params, config, protocols: Sequence[str], batches: Callable[[str, int], Iterator],
+        num_examples: int, scales: Optional[Sequence[int]] = None,
+        single: Optional[int] = None) -> tuple[dict, dict[str, Posteriors]]:
+  """Evaluates `params` with each protocol; each (method, Q) pass runs once and is shared.
+
+  `batches(method, q)` yields this process's batches for a pass. Returns (results, posteriors)
+  keyed by protocol; results hold top1_error, top5_error, num_examples, scales,
+  crops_per_image, img_per_s and compilations (distinct batch shapes, one compile each).
+  """
+  scales = tuple(scales) if scales else test_scales(config)
+  single = single or single_test_scale(config)
+  check_scales((*scales, single), config.image_size)
+  model = steps.create_model(config)
+  steps_by_method = {}
+  passes = protocol_passes(protocols, single, scales)
+  computed = {}
+  for method, q in dict.fromkeys(p for ps in passes.values() for p in ps):
+    if method not in steps_by_method:
+      steps_by_method[method] = pmap_posteriors(method, model, tuple(config.mean_rgb))
+    computed[method, q] = posteriors(steps_by_method[method], params, batches(method, q),
+                                     f'{method} Q={q}', num_examples)
+  results, combined = {}, {}
+  for protocol, needed in passes.items():
+    post = computed[needed[0]].average([computed[p] for p in needed[1:]])
+    crops = sum(2 if method == DENSE else CROPS_PER_SCALE for method, _ in needed)
+    results[protocol] = {
+        **errors(post),
+        'scales': sorted({q for _, q in needed}),
+        'crops_per_image': crops,
+        'img_per_s': jax.process_count() / max(post.seconds_per_image, 1e-12),
+        'compilations': len(post.shapes),
+    }
+    combined[protocol] = post
+    logging.info('%s (Q = %s): top-1 error %.2f%%, top-5 error %.2f%% over %d images.',
+                 protocol, ', '.join(map(str, results[protocol]['scales'])),
+                 100 * results[protocol]['top1_error'], 100 * results[protocol]['top5_error'],
+                 results[protocol]['num_examples'])
+  return results, combined
+
+
+def fuse(members: Sequence[dict[str, Posteriors]]) -> dict[str, Posteriors]:
+  """Sec. 4.4 / Table 6: the soft-max posteriors of several nets averaged, per protocol."""
+  return {protocol: members[0][protocol].average([m[protocol] for m in members[1:]])
+          for protocol in members[0]}

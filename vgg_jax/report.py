@@ -1,0 +1,141 @@
+"""Evaluation results laid out like the paper's Tables 3-6, with its numbers beside ours.
+
+`write` merges a run's results into WORKDIR/eval/results.json and redraws
+WORKDIR/eval/results.md. A paper number is shown only where our run is the paper's
+experiment: ImageNet ILSVRC-2012 validation, full width, 224 crops, the paper's training
+scale and its test scales for that protocol.
+"""
+
+import json
+import os
+from typing import Optional
+
+from vgg_jax import config_validation
+from vgg_jax import evaluation
+
+JITTERED = (256, 512)
+# ILSVRC-2012 validation top-1 / top-5 error (%), keyed by (net, training scale S).
+TABLE3 = {  # Single test scale, Q = S, or 384 for S in [256, 512].
+    ('A', 256): (29.6, 10.4), ('A-LRN', 256): (29.7, 10.5), ('B', 256): (28.7, 9.9),
+    ('C', 256): (28.1, 9.4), ('C', 384): (28.1, 9.3), ('C', JITTERED): (27.3, 8.8),
+    ('D', 256): (27.0, 8.8), ('D', 384): (26.8, 8.7), ('D', JITTERED): (25.6, 8.1),
+    ('E', 256): (27.3, 9.0), ('E', 384): (26.9, 8.7), ('E', JITTERED): (25.5, 8.0),
+}
+TABLE4 = {  # Three test scales, dense evaluation.
+    ('B', 256): (28.2, 9.6),
+    ('C', 256): (27.7, 9.2), ('C', 384): (27.8, 9.2), ('C', JITTERED): (26.3, 8.2),
+    ('D', 256): (26.6, 8.6), ('D', 384): (26.5, 8.6), ('D', JITTERED): (24.8, 7.5),
+    ('E', 256): (26.9, 8.7), ('E', 384): (26.7, 8.6), ('E', JITTERED): (24.8, 7.5),
+}
+TABLE5 = {  # Jittered S, three test scales, by evaluation method.
+    ('D', JITTERED): {'dense': (24.8, 7.5), 'multicrop': (24.6, 7.5),
+                      'dense+multicrop': (24.4, 7.2)},
+    ('E', JITTERED): {'dense': (24.8, 7.5), 'multicrop': (24.6, 7.4),
+                      'dense+multicrop': (24.4, 7.1)},
+}
+TABLE6 = {  # Fusion of D and E (jittered S, three test scales).
+    'dense': (24.0, 7.1), 'multicrop': (23.9, 7.2), 'dense+multicrop': (23.7, 6.8),
+}
+_TABLE_OF = {'single': 'Table 3', 'dense': 'Tables 4, 5', 'multicrop': 'Table 5',
+             'dense+multicrop': 'Table 5'}
+
+
+def _train_scale(config):
+  smin, smax = config_validation.scale_bounds(config.train_scale)
+  return smin if smin == smax else (smin, smax)
+
+
+def _is_paper_setting(config, split: str) -> bool:
+  return (config.dataset.split(':')[0].split('/')[0] == 'imagenet2012'
+          and split == 'validation' and config.width == 1.0 and config.image_size == 224
+          and config.num_classes == 1000)
+
+
+def paper_result(config, protocol: str, scales, split: str) -> Optional[tuple[float, float]]:
+  """The paper's (top-1, top-5) error for this net and protocol, if it reports one."""
+  if not _is_paper_setting(config, split):
+    return None
+  key = (config.variant, _train_scale(config))
+  if protocol == 'single':
+    return TABLE3.get(key) if list(scales) == [evaluation.single_test_scale(config)] else None
+  if list(scales) != sorted(evaluation.test_scales(config)):
+    return None
+  if protocol == 'dense' and key in TABLE4:
+    return TABLE4[key]
+  return TABLE5.get(key, {}).get(protocol)
+
+
+def paper_fusion_result(configs, protocol: str, scales_per_net, split: str):
+  """Table 6, when the fused nets are the paper's D and E at jittered S and 3 test scales."""
+  if sorted(c.variant for c in configs) != ['D', 'E']:
+    return None
+  if not all(_is_paper_setting(c, split) and _train_scale(c) == JITTERED and
+             list(s) == sorted(evaluation.test_scales(c))
+             for c, s in zip(configs, scales_per_net)):
+    return None
+  return TABLE6.get(protocol)
+
+
+def _scale_text(scale) -> str:
+  return f'[{scale[0]}, {scale[1]}]' if isinstance(scale, tuple) else str(scale)
+
+
+def _pct(value) -> str:
+  return f'{100 * value:.2f}'
+
+
+def markdown(results: dict, title: str) -> str:
+  """results.json's entries as a table with the paper's columns (Tables 3-6)."""
+  lines = [f'# {title}', '',
+           '| method | ConvNet | train S | test Q | crops / image | top-1 err. (%) | '
+           'top-5 err. (%) | paper top-1 / top-5 (%) | img/s | checkpoint step |',
+           '|---|---|---|---|---|---|---|---|---|---|']
+  order = {p: i for i, p in enumerate(evaluation.PROTOCOLS)}
+  for name in sorted(results, key=lambda n: (n.startswith('fused:'),
+                                             order.get(n.split(':')[-1], 99), n)):
+    r = results[name]
+    protocol = name.split(':')[-1]
+    method = f'{protocol} ({"Table 6" if name.startswith("fused:") else _TABLE_OF[protocol]})'
+    paper = '—' if r.get('paper') is None else f'{r["paper"][0]} / {r["paper"][1]}'
+    lines.append(
+        f'| {method} | {r["net"]} | {r["train_scale"]} | '
+        f'{", ".join(map(str, r["scales"]))} | {r["crops_per_image"]} | '
+        f'{_pct(r["top1_error"])} | {_pct(r["top5_error"])} | {paper} | '
+        f'{r["img_per_s"]:.1f} | {r["step"]} |')
+  lines += ['', 'Errors over all %d examples (exact counts). Dense: the whole image and its '
+            'flip per scale; multi-crop: a 5x5 grid of crops and their flips per scale (Sec. '
+            '3.2). img/s: steady state, compilation excluded.' %
+            max(r['num_examples'] for r in results.values())]
+  return '\n'.join(lines) + '\n'
+
+
+def describe(config) -> dict:
+  return {'net': config.variant if config.width == 1.0 else f'{config.variant} x{config.width:g}',
+          'train_scale': _scale_text(_train_scale(config))}
+
+
+def annotate(results: dict, config, step: int, split: str) -> dict:
+  """Adds to each protocol's results the net, its training scale, the checkpoint step and
+  the paper's figure for the same experiment (None where the paper has none)."""
+  return {protocol: {**r, **describe(config), 'step': step,
+                     'paper': paper_result(config, protocol, r['scales'], split)}
+          for protocol, r in results.items()}
+
+
+def write(workdir: str, results: dict, title: str) -> str:
+  """Merges `results` into WORKDIR/eval/results.json (other protocols' entries are kept) and
+  rewrites WORKDIR/eval/results.md; returns the eval directory."""
+  directory = os.path.join(workdir, 'eval')
+  os.makedirs(directory, exist_ok=True)
+  path = os.path.join(directory, 'results.json')
+  merged = {}
+  if os.path.exists(path):
+    with open(path) as f:
+      merged = json.load(f)
+  merged.update(results)
+  with open(path + '.tmp', 'w') as f:
+    json.dump(merged, f, indent=2)
+  os.replace(path + '.tmp', path)
+  with open(os.path.join(directory, 'results.md'), 'w') as f:
+    f.write(markdown(merged, title))
+  return directory
