@@ -39,6 +39,7 @@ def get_config() -> ml_collections.ConfigDict:
 
   # Test protocol (Sec. 3.2): `python -m vgg_jax.evaluate`, and during training.
   config.test_scales = ()  # Q of multi-scale tests; (): S-32, S, S+32 or Smin, mid, Smax.
+  config.test_flip = True  # Average each test image / crop with its horizontal flip.
   config.dense_batch_size = 32  # Whole images per dense-evaluation batch (global).
   config.multicrop_batch_size = 8  # Images per multi-crop batch, 50 crops each (global).
   # Dense inputs are padded up to multiples of dense_size_step and their long side cropped

@@ -19,6 +19,7 @@ def get_config():
   config.image_size = 32
   config.train_scale = (32, 36)
   config.random_flip = False
+  config.test_flip = False
   config.mean_rgb = (77.9, 77.9, 77.9)  # The digits' own mean, as Sec. 2.1 prescribes.
   config.shuffle_buffer_size = 2_048
   config.cache = True

@@ -38,3 +38,24 @@ def photos() -> dict[str, np.ndarray]:
   }
   images['coffee_portrait'] = np.ascontiguousarray(np.transpose(images['coffee'], (1, 0, 2)))
   return images
+
+
+@pytest.fixture(scope='session')
+def photos_config(tmp_path_factory, digits_config):
+  """A narrow net D config on `photo_dataset.TestPhotos`: 13 real photos, many aspect ratios."""
+  from vgg_jax import input_pipeline  # pylint: disable=g-import-not-at-top
+  from tests import photo_dataset  # pylint: disable=g-import-not-at-top,unused-import
+  config = digits_config.copy_and_resolve_references()
+  config.dataset = 'test_photos'
+  config.eval_split = 'validation'
+  config.num_classes = 3
+  config.data_dir = str(tmp_path_factory.mktemp('photos_tfds'))
+  config.train_scale = (64, 96)
+  config.image_size = 64
+  config.dense_batch_size = 8
+  config.multicrop_batch_size = 8
+  config.dense_size_step = 32
+  config.dense_max_aspect = 2.0
+  config.cache = False
+  input_pipeline.get_builder(config)
+  return config

@@ -186,11 +186,12 @@ def test_eval_step_sums_exactly_over_unmasked_examples():
   assert sums['loss'] == pytest.approx(np.sum(np.asarray(losses) * keep), rel=1e-5)
 
 
-def test_models_steps_and_checkpoints_import_without_tensorflow():
+def test_models_steps_evaluation_and_checkpoints_import_without_tensorflow():
   """Accelerator images often lack TensorFlow: only the input pipeline may need it."""
   code = ('import sys; sys.modules["tensorflow"] = None; '
           'import vgg_jax.models, vgg_jax.steps, vgg_jax.preprocess, vgg_jax.checkpoints, '
-          'vgg_jax.config_validation; print("imported")')
+          'vgg_jax.config_validation, vgg_jax.evaluation, vgg_jax.report, '
+          'benchmarks.eval_cost; print("imported")')
   result = subprocess.run([sys.executable, '-c', code], capture_output=True, text=True,
                           cwd=os.path.dirname(os.path.dirname(__file__)), check=False)
   assert result.returncode == 0, result.stderr[-2000:]

@@ -114,6 +114,11 @@ BAD_CONFIGS = [
     ('dropout_rate', 1.0, r'\[0, 1\)'),
     ('width', 0.0, 'positive'),
     ('lr_plateau_factor', 2.0, r'\(0, 1\)'),
+    ('test_scales', (200, 256), 'each Q must be an int >= image_size=224'),
+    ('dense_batch_size', 12, 'multiple of the 8 devices'),
+    ('multicrop_batch_size', 0, 'multiple of the 8 devices'),
+    ('dense_size_step', 0, 'must be positive'),
+    ('dense_max_aspect', 0.5, '>= 1'),
 ]
 
 
@@ -126,6 +131,14 @@ def test_invalid_config_error_names_field_and_value(field, value, why):
   message = str(error.value)
   assert message.startswith(f'config.{field}={value!r}:'), message
   assert re.search(why, message), message
+
+
+def test_unknown_eval_protocol_error_names_the_field_and_the_valid_ones():
+  config = default.get_config()
+  config.eval_protocols = 'dense,tencrop'
+  with pytest.raises(config_validation.ConfigError,
+                     match=r"^config.eval_protocols='dense,tencrop': expected .*multicrop"):
+    config_validation.validate(config, num_devices=8)
 
 
 def test_paper_config_is_valid_and_reads_like_sec_3_1():

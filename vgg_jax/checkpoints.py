@@ -95,6 +95,8 @@ def restore_params(workdir: str, config, step: Optional[int] = None):
   model = steps.create_model(config)
   dummy = jax.ShapeDtypeStruct((1, config.image_size, config.image_size, 3), jax.numpy.float32)
   abstract = jax.eval_shape(lambda x: model.init(jax.random.key(0), x), dummy)['params']
+  target = {'params': _replicated(abstract)}
   restored = manager.restore(step, args=ocp.args.Composite(state=ocp.args.PyTreeRestore(
-      item={'params': _replicated(abstract)}, partial_restore=True)))['state']
+      item=target, restore_args=ocp.checkpoint_utils.construct_restore_args(target),
+      partial_restore=True)))['state']
   return restored['params']

@@ -8,6 +8,9 @@ A test image is rescaled so its smallest side is Q, then scored two ways:
 - multi-crop: a 5 x 5 regular grid of training-size crops spanning the image, each also
   flipped, 50 soft-max outputs averaged.
 
+The flips follow `config.test_flip` (the paper's True; off for nets trained without flips,
+such as the digits, where a mirrored image is another symbol).
+
 Posteriors are averaged over the test scales Q (Table 4), over the two methods
 (dense+multicrop, Table 5) and over several nets (fusion, Table 6). Each pass yields one
 posterior per example of this process's part of the split, in split order, so any of them
@@ -38,7 +41,6 @@ parse_protocols = config_validation.parse_protocols
 DENSE, MULTICROP = 'dense', 'multicrop'
 # Sec. 3.2: per scale, a 5 x 5 grid of crops, each with its horizontal flip.
 CROP_GRID = 5
-CROPS_PER_SCALE = 2 * CROP_GRID * CROP_GRID
 # Which passes (method, which scales) each protocol averages.
 _PASSES = {'single': ((DENSE, 'single'),), 'dense': ((DENSE, 'all'),),
            'multicrop': ((MULTICROP, 'all'),),
@@ -105,7 +107,7 @@ def _flip_valid(images: jax.Array, widths: jax.Array) -> jax.Array:
 
 
 def dense_posteriors(params, images: jax.Array, sizes: jax.Array, *, model: models.VGG,
-                     mean_rgb) -> jax.Array:
+                     mean_rgb, flip: bool = True) -> jax.Array:
   """Sec. 3.2 dense evaluation of a batch of padded images: (B, H, W, 3) uint8 whose valid
   part is sizes[i] = (height, width) -> (B, num_classes) soft-max posteriors.
 
@@ -118,39 +120,42 @@ def dense_posteriors(params, images: jax.Array, sizes: jax.Array, *, model: mode
             (columns[None, None, :] < widths[:, None, None]))
   x = preprocess.normalize(images, mean_rgb, model.dtype)
   x = jnp.where(inside[..., None], x, 0).astype(model.dtype)
-  x = jnp.concatenate([x, _flip_valid(x, widths)])
+  views = 2 if flip else 1
+  if flip:
+    x = jnp.concatenate([x, _flip_valid(x, widths)])
   scores = model.apply({'params': params}, x, dense=True)
   # A score at (r, c) covers grid cells [r, r + g) x [c, c + g) of the conv5 grid.
   grid = images.shape[1] // models.DOWNSAMPLING - scores.shape[1] + 1
   valid_rows = jnp.arange(scores.shape[1])[None] + grid <= heights[:, None] // models.DOWNSAMPLING
   valid_cols = jnp.arange(scores.shape[2])[None] + grid <= widths[:, None] // models.DOWNSAMPLING
   valid = (valid_rows[:, :, None] & valid_cols[:, None, :]).astype(jnp.float32)
-  valid = jnp.concatenate([valid, valid])[..., None]
+  valid = jnp.concatenate([valid] * views)[..., None]
   mean_scores = jnp.sum(scores * valid, axis=(1, 2)) / jnp.maximum(
       jnp.sum(valid, axis=(1, 2)), 1.0)
-  probs = jax.nn.softmax(mean_scores)
-  half = images.shape[0]
-  return 0.5 * (probs[:half] + probs[half:])
+  return jax.nn.softmax(mean_scores).reshape(views, images.shape[0], -1).mean(axis=0)
 
 
-def multicrop_posteriors(params, crops: jax.Array, *, model: models.VGG, mean_rgb) -> jax.Array:
+def multicrop_posteriors(params, crops: jax.Array, *, model: models.VGG, mean_rgb,
+                         flip: bool = True) -> jax.Array:
   """Sec. 3.2 multi-crop evaluation: (B, 25, s, s, 3) uint8 crops -> (B, num_classes), the
   mean soft-max over the 25 crops and their 25 flips."""
   batch, num_crops = crops.shape[:2]
   x = preprocess.normalize(crops.reshape(-1, *crops.shape[2:]), mean_rgb, model.dtype)
-  x = jnp.concatenate([x, x[:, :, ::-1]])
+  views = 2 if flip else 1
+  if flip:
+    x = jnp.concatenate([x, x[:, :, ::-1]])
   probs = jax.nn.softmax(model.apply({'params': params}, x))
-  return probs.reshape(2, batch, num_crops, -1).mean(axis=(0, 2))
+  return probs.reshape(views, batch, num_crops, -1).mean(axis=(0, 2))
 
 
-def pmap_posteriors(method: str, model: models.VGG, mean_rgb) -> Callable:
+def pmap_posteriors(method: str, model: models.VGG, mean_rgb, flip: bool = True) -> Callable:
   """The `method` step mapped over this process's devices (no collective: see module doc)."""
   if method == DENSE:
     fn = lambda params, batch: dense_posteriors(params, batch['image'], batch['size'],
-                                                model=model, mean_rgb=mean_rgb)
+                                                model=model, mean_rgb=mean_rgb, flip=flip)
   else:
     fn = lambda params, batch: multicrop_posteriors(params, batch['crops'], model=model,
-                                                    mean_rgb=mean_rgb)
+                                                    mean_rgb=mean_rgb, flip=flip)
   return jax.pmap(fn, in_axes=(None, 0), devices=jax.local_devices())
 
 
@@ -271,13 +276,15 @@ def run(params, config, protocols: Sequence[str], batches: Callable[[str, int], 
   computed = {}
   for method, q in dict.fromkeys(p for ps in passes.values() for p in ps):
     if method not in steps_by_method:
-      steps_by_method[method] = pmap_posteriors(method, model, tuple(config.mean_rgb))
+      steps_by_method[method] = pmap_posteriors(method, model, tuple(config.mean_rgb),
+                                                flip=config.test_flip)
     computed[method, q] = posteriors(steps_by_method[method], params, batches(method, q),
                                      f'{method} Q={q}', num_examples)
   results, combined = {}, {}
   for protocol, needed in passes.items():
     post = computed[needed[0]].average([computed[p] for p in needed[1:]])
-    crops = sum(2 if method == DENSE else CROPS_PER_SCALE for method, _ in needed)
+    views = (1 if method == DENSE else CROP_GRID ** 2 for method, _ in needed)
+    crops = sum(views) * (2 if config.test_flip else 1)
     results[protocol] = {
         **errors(post),
         'scales': sorted({q for _, q in needed}),

@@ -1,0 +1,179 @@
+"""Cost per image of the paper's two test methods (Sec. 3.2): dense vs multi-crop evaluation.
+
+Sec. 3.2 argues that dense evaluation (the whole image rescaled to Q, and its flip, run
+fully-convolutionally) is cheaper than multi-crop evaluation (a 5 x 5 grid of training-size
+crops and their flips, 50 passes of the net per image), since the crops overlap and recompute
+the same features. This measures that cost as `vgg_jax.evaluation` implements it: each
+method's device step (`dense_posteriors`, `multicrop_posteriors`), jitted on one device, on a
+batch of random uint8 images of one synthetic shape (Q x aspect * Q, the long side rounded up
+to a multiple of 32) and random parameters. The inputs are already on the device: host
+decoding, rescaling and cropping are not timed.
+
+  python -m benchmarks.eval_cost --variant=D --q=384 --batch=8 --dtype=bfloat16
+  python -m benchmarks.eval_cost --smoke  # Tiny settings, seconds on a CPU.
+
+No tensorflow: runs unchanged on an accelerator image that lacks it.
+"""
+
+import json
+import math
+import statistics
+import sys
+import time
+import types
+
+from absl import app
+from absl import flags
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from vgg_jax import evaluation
+from vgg_jax import models
+from vgg_jax import steps
+
+FLAGS = flags.FLAGS
+flags.DEFINE_enum('variant', 'D', list(models.VARIANTS), 'VGG configuration (Table 1).')
+flags.DEFINE_float('width', 1.0, 'Channel multiplier; 1.0 is the paper\'s net.')
+flags.DEFINE_integer('image_size', 224, 'Training crop size: multi-crop crops, fc6 grid.')
+flags.DEFINE_integer('q', 384, 'Test scale Q: the smallest side of the test image.')
+flags.DEFINE_float('aspect', 1.33, 'Long side / short side of the synthetic test image; the '
+                   'long side is rounded up to a multiple of 32.')
+flags.DEFINE_integer('batch', 2, 'Images per step.')
+flags.DEFINE_enum('dtype', 'float32', ['float32', 'bfloat16'], 'Compute dtype.')
+flags.DEFINE_integer('steps', 5, 'Timed repetitions; the median is reported.')
+flags.DEFINE_integer('warmup', 1, 'Untimed runs after compilation.')
+flags.DEFINE_integer('num_classes', 1000, 'Width of fc8.')
+flags.DEFINE_string('json', None, 'Also write the results as JSON to this path.')
+flags.DEFINE_bool('smoke', False, 'Tiny settings for CI: variant A, width 1/16, image_size 32, '
+                  'q 48, batch 2, steps 2 (override the flags above).')
+
+
+def settings() -> dict:
+  """The flags in effect, --smoke applied."""
+  s = {name: FLAGS[name].value for name in
+       ('variant', 'width', 'image_size', 'q', 'aspect', 'batch', 'dtype', 'steps', 'warmup',
+        'num_classes')}
+  if FLAGS.smoke:
+    s.update(variant='A', width=1 / 16, image_size=32, q=48, batch=2, steps=2)
+  if s['q'] < s['image_size']:
+    raise app.UsageError(f'--q={s["q"]} is smaller than --image_size={s["image_size"]}.')
+  if s['image_size'] % models.DOWNSAMPLING:
+    raise app.UsageError(f'--image_size must be a multiple of {models.DOWNSAMPLING}.')
+  if s['aspect'] < 1 or s['batch'] < 1 or s['steps'] < 1 or s['warmup'] < 0:
+    raise app.UsageError('Need --aspect >= 1, --batch >= 1, --steps >= 1, --warmup >= 0.')
+  return s
+
+
+def flops(compiled) -> float | None:
+  """XLA's FLOP count of a compiled computation, or None where the backend gives none."""
+  try:
+    analysis = compiled.cost_analysis()
+  except Exception:  # pylint: disable=broad-except
+    return None
+  if isinstance(analysis, (list, tuple)):
+    analysis = analysis[0] if analysis else None
+  value = (analysis or {}).get('flops')
+  return float(value) if value and value > 0 else None
+
+
+def time_method(fn, args, num_steps: int, warmup: int) -> dict:
+  """Compiles `fn` on `args`, runs it `warmup` times, then times `num_steps` runs."""
+  start = time.perf_counter()
+  compiled = jax.jit(fn).lower(*args).compile()
+  compile_s = time.perf_counter() - start
+  for _ in range(warmup):
+    jax.block_until_ready(compiled(*args))
+  times = []
+  for _ in range(num_steps):
+    start = time.perf_counter()
+    jax.block_until_ready(compiled(*args))
+    times.append(time.perf_counter() - start)
+  return {'compile_s': compile_s, 'seconds_per_batch': statistics.median(times),
+          'all_seconds': times, 'flops_per_batch': flops(compiled)}
+
+
+def main(argv):
+  if len(argv) > 1:
+    raise app.UsageError(f'Unexpected arguments: {argv[1:]}')
+  s = settings()
+  config = types.SimpleNamespace(variant=s['variant'], num_classes=s['num_classes'],
+                                 dropout_rate=0.5, dtype=s['dtype'], width=s['width'],
+                                 init='paper', init_std=0.01)
+  model = steps.create_model(config)
+  mean_rgb = (123.68, 116.779, 103.939)  # experiments/default.py's; it does not change the cost.
+  device = jax.devices()[0]
+
+  dummy = jnp.zeros((1, s['image_size'], s['image_size'], 3), jnp.float32)
+  params = jax.jit(lambda r: model.init(r, dummy, train=False))(jax.random.PRNGKey(0))['params']
+  params = jax.device_put(params, device)
+
+  # One synthetic test image shape: Q x long, padded as the test pipeline pads (bottom/right).
+  q, size, batch = s['q'], s['image_size'], s['batch']
+  step = models.DOWNSAMPLING
+  long = -(-math.ceil(s['aspect'] * q - 1e-9) // step) * step
+  padded = (-(-q // step) * step, long)
+  rng = np.random.default_rng(0)
+  images = np.zeros((batch, *padded, 3), np.uint8)
+  images[:, :q, :long] = rng.integers(0, 256, (batch, q, long, 3), np.uint8)
+  sizes = np.tile(np.array([[q, long]], np.int32), (batch, 1))
+  # Sec. 3.2's 5 x 5 grid of training-size crops of the same images (flips made on device).
+  crops = np.stack([images[:, top:top + size, left:left + size]
+                    for top in evaluation.crop_offsets(q, size)
+                    for left in evaluation.crop_offsets(long, size)], axis=1)
+
+  dense = lambda p, x, hw: evaluation.dense_posteriors(p, x, hw, model=model,
+                                                        mean_rgb=mean_rgb)
+  multicrop = lambda p, x: evaluation.multicrop_posteriors(p, x, model=model,
+                                                           mean_rgb=mean_rgb)
+  methods = {
+      evaluation.DENSE: (dense, (params, *jax.device_put((images, sizes), device)), 2),
+      evaluation.MULTICROP: (multicrop, (params, jax.device_put(crops, device)),
+                             evaluation.CROPS_PER_SCALE),
+  }
+  results = {}
+  for name, (fn, args, views) in methods.items():
+    r = time_method(fn, args, s['steps'], s['warmup'])
+    per_image = r['seconds_per_batch'] / batch
+    results[name] = {
+        'views_per_image': views, **r, 'ms_per_image': 1e3 * per_image,
+        'images_per_s': 1.0 / per_image,
+        'gflops_per_image': (r['flops_per_batch'] / batch / 1e9 if r['flops_per_batch']
+                             else None),
+    }
+  ratio = results[evaluation.MULTICROP]['ms_per_image'] / results[evaluation.DENSE]['ms_per_image']
+  flops_ratio = (results[evaluation.MULTICROP]['gflops_per_image'] /
+                 results[evaluation.DENSE]['gflops_per_image']
+                 if all(r['gflops_per_image'] for r in results.values()) else None)
+
+  command = ' '.join(['python -m benchmarks.eval_cost', *sys.argv[1:]])
+  print(f'command: {command}')
+  print(f'jax {jax.__version__}, device: {device.platform} {device.device_kind}')
+  print(f'net {s["variant"]} width {s["width"]:g} {s["dtype"]}, training size {size}, '
+        f'Q = {q}: test image {q}x{long} (padded {padded[0]}x{padded[1]}), batch {batch}, '
+        f'median of {s["steps"]} after {s["warmup"]} warm-up')
+  header = (f'{"method":<10} {"views/img":>9} {"s/batch":>9} {"ms/img":>9} {"img/s":>9} '
+            f'{"GFLOP/img":>10} {"compile s":>9}')
+  print(header)
+  print('-' * len(header))
+  for name, r in results.items():
+    gflops = f'{r["gflops_per_image"]:.2f}' if r['gflops_per_image'] else 'n/a'
+    print(f'{name:<10} {r["views_per_image"]:>9} {r["seconds_per_batch"]:>9.4f} '
+          f'{r["ms_per_image"]:>9.2f} {r["images_per_s"]:>9.2f} {gflops:>10} '
+          f'{r["compile_s"]:>9.1f}')
+  print(f'multicrop / dense cost per image: {ratio:.2f}x time'
+        + (f', {flops_ratio:.2f}x FLOPs' if flops_ratio else ''))
+
+  if FLAGS.json:
+    report = {'command': command, 'jax_version': jax.__version__,
+              'platform': device.platform, 'device_kind': device.device_kind,
+              'settings': s, 'image_valid_shape': [q, long], 'image_padded_shape': list(padded),
+              'results': results, 'multicrop_over_dense_time': ratio,
+              'multicrop_over_dense_flops': flops_ratio}
+    with open(FLAGS.json, 'w') as f:
+      json.dump(report, f, indent=2)
+    print(f'wrote {FLAGS.json}')
+
+
+if __name__ == '__main__':
+  app.run(main)
