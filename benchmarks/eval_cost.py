@@ -129,7 +129,7 @@ def main(argv):
   methods = {
       evaluation.DENSE: (dense, (params, *jax.device_put((images, sizes), device)), 2),
       evaluation.MULTICROP: (multicrop, (params, jax.device_put(crops, device)),
-                             evaluation.CROPS_PER_SCALE),
+                             2 * evaluation.CROP_GRID ** 2),
   }
   results = {}
   for name, (fn, args, views) in methods.items():

@@ -3,7 +3,8 @@
 from experiments import default
 
 
-def get_config():
-  config = default.get_config()
+def get_config(arg=None):
+  """arg: the training scale, 'S=256', 'S=384' or 'S=256-512' (Table 3); default S = 256."""
+  config = default.get_config(arg)
   config.variant = 'A-LRN'
   return config

@@ -3,11 +3,26 @@
 Other experiment files start from `get_config()` here and override only what differs.
 """
 
+from typing import Optional
+
 import ml_collections
 from ml_collections import config_dict
 
+# The training scales of Table 3, by sweep argument: `--config=experiments/configD.py:S=384`.
+TRAINING_SCALES = {'S=256': 256, 'S=384': 384, 'S=256-512': (256, 512)}
 
-def get_config() -> ml_collections.ConfigDict:
+
+def set_training_scale(config: ml_collections.ConfigDict, arg: Optional[str]) -> None:
+  """Applies a config-file argument 'S=256', 'S=384' or 'S=256-512' (Table 3's columns)."""
+  if arg is None:
+    return
+  if arg not in TRAINING_SCALES:
+    raise ValueError(f'Config argument {arg!r}: expected one of {", ".join(TRAINING_SCALES)}, '
+                     'e.g. --config=experiments/configD.py:S=384.')
+  config.train_scale = TRAINING_SCALES[arg]
+
+
+def get_config(arg: Optional[str] = None) -> ml_collections.ConfigDict:
   config = ml_collections.ConfigDict()
 
   # Model (Table 1).
@@ -18,6 +33,12 @@ def get_config() -> ml_collections.ConfigDict:
   config.dropout_rate = 0.5
   config.init = 'paper'  # 'paper': N(0, init_std^2), biases 0; or 'glorot'.
   config.init_std = 0.01
+  # Start from another run's newest checkpoint (Sec. 3.1): 'net_a' copies conv1_1, conv2_1,
+  # conv3_1, conv3_2, fc6, fc7, fc8 (deeper nets from net A), 'all' every layer (S = 384 from
+  # S = 256, jittered S from S = 384). The rest is initialised as `init` says; the optimiser
+  # starts afresh.
+  config.init_from = config_dict.placeholder(str)
+  config.init_mode = 'net_a'
 
   # Data.
   config.dataset = 'imagenet2012'  # Any tfds image-classification dataset.
@@ -53,6 +74,9 @@ def get_config() -> ml_collections.ConfigDict:
 
   # Optimisation: mini-batch SGD with momentum and L2 weight decay (Sec. 3.1).
   config.batch_size = 256  # Global, across all devices and hosts.
+  # Each device's share is run as grad_accum_steps micro-batches whose gradients are averaged
+  # before the update: the paper's batch of 256 on devices that hold fewer images.
+  config.grad_accum_steps = 1
   config.eval_batch_size = 256
   config.learning_rate = 0.01
   config.momentum = 0.9
@@ -71,4 +95,5 @@ def get_config() -> ml_collections.ConfigDict:
   config.checkpoint_every_steps = 5_000
   config.keep_checkpoints = 3
   config.seed = 0
+  set_training_scale(config, arg)
   return config

@@ -24,11 +24,16 @@ TINY = ('--config.variant=A', '--config.width=0.0625', '--config.batch_size=128'
         '--config.checkpoint_every_steps=100')
 
 
-def run_main(workdir, data_dir, *overrides, check=True) -> subprocess.CompletedProcess:
-  """`python -m vgg_jax.main` in a fresh process, as a user would type it."""
+def run_main(workdir, data_dir, *overrides, check=True,
+             devices=None) -> subprocess.CompletedProcess:
+  """`python -m vgg_jax.main` in a fresh process, as a user would type it (on `devices` fake
+  CPU devices if given, else on the one CPU)."""
   command = [sys.executable, '-m', 'vgg_jax.main', '--config=experiments/digits.py',
              f'--workdir={workdir}', f'--config.data_dir={data_dir}', *overrides]
   env = {k: v for k, v in os.environ.items() if k != 'XLA_FLAGS'}
+  if devices:
+    env['XLA_FLAGS'] = f'--xla_force_host_platform_device_count={devices}'
+  env.setdefault('TF_CPP_MIN_LOG_LEVEL', '2')
   result = subprocess.run(command, cwd=REPO, env=env, capture_output=True, text=True,
                           check=False, timeout=600)
   if check:

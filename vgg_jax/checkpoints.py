@@ -9,15 +9,21 @@ Nothing is pickled.
 import os
 from typing import Optional
 
+from absl import logging
+from etils import epath
+
 import jax
+from jax.experimental import multihost_utils
 import ml_collections
+import numpy as np
 import orbax.checkpoint as ocp
 
 from vgg_jax import steps
 
 
 def checkpoint_dir(workdir: str) -> str:
-  return os.path.join(os.path.abspath(workdir), 'checkpoints')
+  """WORKDIR/checkpoints, absolute (Orbax needs it); gs:// and other URLs as they are."""
+  return os.path.join(workdir if '://' in workdir else os.path.abspath(workdir), 'checkpoints')
 
 
 def create_manager(workdir: str, config) -> ocp.CheckpointManager:
@@ -36,12 +42,32 @@ def save(manager: ocp.CheckpointManager, state: steps.TrainState, config) -> Non
   """Starts an asynchronous save of `state` at its step (returns once the arrays are copied)."""
   step = int(jax.device_get(state.step))
   manager.save(step, args=ocp.args.Composite(
-      state=ocp.args.StandardSave(_saved_fields(state)),
+      state=ocp.args.StandardSave(_to_global(_saved_fields(state))),
       config=ocp.args.JsonSave(config.to_dict())))
 
 
+def _global_mesh() -> jax.sharding.Mesh:
+  return jax.sharding.Mesh(np.asarray(jax.devices()), (steps.AXIS,))
+
+
+def _to_global(tree):
+  """The pmapped steps keep one copy of the state per process (on its local devices); Orbax
+  saves and restores global arrays, each written once, so every process takes part in a
+  multi-host checkpoint with nothing duplicated."""
+  return multihost_utils.host_local_array_to_global_array(
+      tree, _global_mesh(), jax.sharding.PartitionSpec())
+
+
+def _to_local(tree):
+  """Back to the steps' layout: replicated on this process's devices."""
+  tree = multihost_utils.global_array_to_host_local_array(
+      tree, _global_mesh(), jax.sharding.PartitionSpec())
+  return jax.device_put(tree, steps.replicated_sharding())
+
+
 def _replicated(tree):
-  sharding = steps.replicated_sharding()
+  """Restore targets: global arrays replicated over every device of every process."""
+  sharding = jax.sharding.NamedSharding(_global_mesh(), jax.sharding.PartitionSpec())
   return jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=sharding), tree)
 
 
@@ -55,7 +81,7 @@ def restore_latest(manager: ocp.CheckpointManager,
   target = _replicated(_saved_fields(state))
   restored = manager.restore(step, args=ocp.args.Composite(
       state=ocp.args.StandardRestore(target)))['state']
-  return state.replace(**restored)
+  return state.replace(**_to_local(restored))
 
 
 def restore_config(manager: ocp.CheckpointManager, step: Optional[int] = None) -> dict:
@@ -99,4 +125,50 @@ def restore_params(workdir: str, config, step: Optional[int] = None):
   restored = manager.restore(step, args=ocp.args.Composite(state=ocp.args.PyTreeRestore(
       item=target, restore_args=ocp.checkpoint_utils.construct_restore_args(target),
       partial_restore=True)))['state']
-  return restored['params']
+  return _to_local(restored['params'])
+
+
+# Sec. 3.1: "we initialised the first four convolutional layers and the last three fully-
+# connected layers with the layers of net A". By name these have the same shapes in every net.
+NET_A_LAYERS = ('conv1_1', 'conv2_1', 'conv3_1', 'conv3_2', 'fc6', 'fc7', 'fc8')
+
+
+def transplant(target: dict, source: dict, layers) -> dict:
+  """`target` with `layers` replaced by `source`'s, every shape checked first."""
+  for layer in layers:
+    if layer not in source:
+      raise ValueError(f'The source checkpoint has no layer {layer}; it has '
+                       f'{", ".join(source)}.')
+    for name in sorted(target[layer], key=lambda n: n != 'kernel'):
+      have = getattr(source[layer].get(name), 'shape', None)
+      if have != target[layer][name].shape:
+        raise ValueError(f'{layer}/{name}: the source checkpoint holds shape {have}, this net '
+                         f'needs {target[layer][name].shape}; seed from a net of matching width, image size '
+                         'and classes.')
+  return {layer: source[layer] if layer in layers else value for layer, value in target.items()}
+
+
+def seed_params(params: dict, config) -> dict:
+  """`params` with layers copied from the newest checkpoint of config.init_from.
+
+  init_mode 'net_a': the NET_A_LAYERS (deeper nets from net A); 'all': every layer, and the
+  source must be the same net (the S = 384 net from S = 256, jittered S from S = 384).
+  """
+  source_dir, mode = config.init_from, config.init_mode
+  if not epath.Path(checkpoint_dir(source_dir)).is_dir():
+    raise FileNotFoundError(f'config.init_from={source_dir!r}: no checkpoints in '
+                            f'{checkpoint_dir(source_dir)}; train that net first.')
+  source_config = load_config(source_dir)
+  if mode == 'all' and (source_config.variant, source_config.width) != (config.variant,
+                                                                           config.width):
+    raise ValueError(f'config.init_from={source_dir!r} holds net {source_config.variant} '
+                     f'(width {source_config.width}); init_mode=all needs net '
+                     f'{config.variant} (width {config.width}). Use init_mode=net_a to seed '
+                     'from net A.')
+  source = restore_params(source_dir, source_config)
+  layers = NET_A_LAYERS if mode == 'net_a' else tuple(params)
+  params = transplant(params, source, layers)
+  logging.info('Seeded from %s (net %s, step %d): %s copied; %s initialised afresh.',
+               source_dir, source_config.variant, latest_step(source_dir), ', '.join(layers),
+               ', '.join(l for l in params if l not in layers) or 'nothing')
+  return params

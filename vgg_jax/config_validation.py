@@ -4,6 +4,7 @@ from vgg_jax import models
 
 DTYPE_NAMES = ('float32', 'bfloat16', 'float16')
 INITS = ('paper', 'glorot')
+INIT_MODES = ('net_a', 'all')
 PROTOCOLS = ('single', 'dense', 'multicrop', 'dense+multicrop')
 
 
@@ -81,6 +82,15 @@ def validate(config, num_devices: int) -> None:
     if batch <= 0 or batch % num_devices:
       _fail(field, batch, f'must be a positive multiple of the {num_devices} devices '
             f'(e.g. {num_devices * max(1, batch // num_devices)}).')
+  if config.get('init_mode', 'net_a') not in INIT_MODES:
+    _fail('init_mode', config.init_mode, f'expected one of {", ".join(INIT_MODES)}.')
+  accum = config.get('grad_accum_steps', 1)
+  if isinstance(accum, bool) or not isinstance(accum, int) or accum < 1:
+    _fail('grad_accum_steps', accum, 'must be an int >= 1.')
+  if (config.batch_size // num_devices) % accum:
+    _fail('grad_accum_steps', accum, f'batch_size={config.batch_size} over {num_devices} '
+          f'devices is {config.batch_size // num_devices} per device, which does not split '
+          f'into {accum} equal micro-batches.')
   if not config.learning_rate > 0:
     _fail('learning_rate', config.learning_rate, 'must be positive.')
   if not 0 <= config.momentum < 1:

@@ -111,25 +111,22 @@ def dense_posteriors(params, images: jax.Array, sizes: jax.Array, *, model: mode
   """Sec. 3.2 dense evaluation of a batch of padded images: (B, H, W, 3) uint8 whose valid
   part is sizes[i] = (height, width) -> (B, num_classes) soft-max posteriors.
 
-  Only score-map locations whose window lies inside the image are averaged; the padding is
-  set to the mean colour (zero after normalisation), as a convolution's own padding is.
+  The net masks the padding out of every feature map (`VGG(..., sizes=...)`), so each image
+  scores exactly as it would alone; the score map is averaged over the locations whose
+  window lies inside the image.
   """
-  heights, widths = sizes[:, 0], sizes[:, 1]
-  rows, columns = jnp.arange(images.shape[1]), jnp.arange(images.shape[2])
-  inside = ((rows[None, :, None] < heights[:, None, None]) &
-            (columns[None, None, :] < widths[:, None, None]))
   x = preprocess.normalize(images, mean_rgb, model.dtype)
-  x = jnp.where(inside[..., None], x, 0).astype(model.dtype)
   views = 2 if flip else 1
   if flip:
-    x = jnp.concatenate([x, _flip_valid(x, widths)])
-  scores = model.apply({'params': params}, x, dense=True)
+    x = jnp.concatenate([x, _flip_valid(x, sizes[:, 1])])
+    sizes = jnp.concatenate([sizes, sizes])
+  scores = model.apply({'params': params}, x, dense=True, sizes=sizes)
   # A score at (r, c) covers grid cells [r, r + g) x [c, c + g) of the conv5 grid.
   grid = images.shape[1] // models.DOWNSAMPLING - scores.shape[1] + 1
-  valid_rows = jnp.arange(scores.shape[1])[None] + grid <= heights[:, None] // models.DOWNSAMPLING
-  valid_cols = jnp.arange(scores.shape[2])[None] + grid <= widths[:, None] // models.DOWNSAMPLING
-  valid = (valid_rows[:, :, None] & valid_cols[:, None, :]).astype(jnp.float32)
-  valid = jnp.concatenate([valid] * views)[..., None]
+  cells = sizes // models.DOWNSAMPLING
+  valid_rows = jnp.arange(scores.shape[1])[None] + grid <= cells[:, :1]
+  valid_cols = jnp.arange(scores.shape[2])[None] + grid <= cells[:, 1:]
+  valid = (valid_rows[:, :, None] & valid_cols[:, None, :]).astype(jnp.float32)[..., None]
   mean_scores = jnp.sum(scores * valid, axis=(1, 2)) / jnp.maximum(
       jnp.sum(valid, axis=(1, 2)), 1.0)
   return jax.nn.softmax(mean_scores).reshape(views, images.shape[0], -1).mean(axis=0)

@@ -3,6 +3,8 @@
 Config fields are overridden on the command line, e.g. `--config.batch_size=64`.
 """
 
+import os
+
 from absl import app
 from absl import flags
 from absl import logging
@@ -15,12 +17,39 @@ from vgg_jax import train
 FLAGS = flags.FLAGS
 flags.DEFINE_string('workdir', None, 'Directory for checkpoints, summaries and eval_metrics.json.')
 config_flags.DEFINE_config_file('config', None, 'Experiment config file.', lock_config=True)
+flags.DEFINE_string('coordinator_address', None, 'host:port of process 0, for several '
+                    'processes (launch/local.py sets it); unset: auto-detected on SLURM and '
+                    'Cloud TPU pods.')
+flags.DEFINE_integer('num_processes', None, 'Number of processes of a multi-process run.')
+flags.DEFINE_integer('process_id', None, 'This process\'s index in a multi-process run.')
 flags.mark_flags_as_required(['config', 'workdir'])
+
+
+def initialize_distributed() -> None:
+  """Joins JAX's multi-process runtime when this is one of several processes.
+
+  With explicit flags (local multi-process runs); on SLURM with several tasks and on
+  multi-host Cloud TPU VMs, jax.distributed detects the cluster itself. CPU processes
+  exchange collectives through gloo.
+  """
+  explicit = (FLAGS.num_processes or 1) > 1
+  slurm = int(os.environ.get('SLURM_NTASKS', '1')) > 1
+  tpu_pod = len(os.environ.get('TPU_WORKER_HOSTNAMES', '').split(',')) > 1
+  if not (explicit or slurm or tpu_pod):
+    return
+  # Only the CPU backend reads this; accelerators keep their own collectives.
+  jax.config.update('jax_cpu_collectives_implementation', 'gloo')
+  if explicit:
+    jax.distributed.initialize(FLAGS.coordinator_address, FLAGS.num_processes,
+                               FLAGS.process_id)
+  else:
+    jax.distributed.initialize()
 
 
 def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f'Unexpected arguments: {" ".join(argv[1:])}')
+  initialize_distributed()
   cli.setup()
   logging.info('JAX %s: process %d of %d, %d local device(s): %s', jax.__version__,
                jax.process_index(), jax.process_count(), jax.local_device_count(),

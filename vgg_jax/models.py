@@ -7,7 +7,7 @@ data; the `VGG` module just walks it, naming every layer as the paper's tables d
 """
 
 import math
-from typing import Any, Callable, Sequence
+from typing import Any, Callable, Optional, Sequence
 
 import flax.linen as nn
 import jax
@@ -74,6 +74,15 @@ def kernel_init(init: str, std: float = 0.01) -> Callable:
   if init == 'glorot':
     return nn.initializers.glorot_uniform()
   raise ValueError(f"init={init!r}: expected 'paper' or 'glorot'.")
+
+
+def _keep_valid(x: jax.Array, sizes: Optional[jax.Array]) -> jax.Array:
+  """Zeroes x (N, H, W, C) outside each image's valid (height, width); x itself if None."""
+  if sizes is None:
+    return x
+  rows = jnp.arange(x.shape[1])[None, :, None] < sizes[:, 0, None, None]
+  cols = jnp.arange(x.shape[2])[None, None, :] < sizes[:, 1, None, None]
+  return jnp.where((rows & cols)[..., None], x, jnp.zeros((), x.dtype))
 
 
 def scaled(channels: int, width: float) -> int:
@@ -145,13 +154,19 @@ class VGG(nn.Module):
   init_std: float = 0.01
 
   @nn.compact
-  def __call__(self, x: jax.Array, train: bool = False, dense: bool = False) -> jax.Array:
+  def __call__(self, x: jax.Array, train: bool = False, dense: bool = False,
+               sizes: Optional[jax.Array] = None) -> jax.Array:
     """Logits (N, num_classes); with `dense`, the class score map (N, h, w, num_classes).
 
     Dense evaluation (Sec. 3.2) runs the net fully-convolutionally on a whole test image of
     any size at least the training size: fc6 becomes a g x g convolution (g = training size
     / 32), fc7 and fc8 1 x 1 convolutions, all with the trained parameters. Each score-map
     location scores one training-size window, at stride 32.
+
+    `sizes` (N, 2), with `dense`: each image's (height, width) in a zero-padded batch. Every
+    feature map is zeroed outside the image's extent at that resolution, so a convolution
+    sees the same zero border as on the image alone and the padding changes nothing: each
+    image's scores equal those of the net on that image, unpadded.
     """
     if self.variant not in VGG_SPECS:
       raise ValueError(f'variant={self.variant!r}: expected one of {", ".join(VARIANTS)}.')
@@ -163,7 +178,9 @@ class VGG(nn.Module):
     layer = dict(dtype=self.dtype, param_dtype=jnp.float32,
                  kernel_init=kernel_init(self.init_scheme, self.init_std),
                  bias_init=nn.initializers.zeros)
-    x = x.astype(self.dtype)
+    if sizes is not None and not dense:
+      raise ValueError('sizes (valid image extents) are for dense evaluation of padded images.')
+    x = _keep_valid(x.astype(self.dtype), sizes)
     for block, layers in enumerate(VGG_SPECS[self.variant], start=1):
       index = 0
       for spec in layers:
@@ -175,8 +192,11 @@ class VGG(nn.Module):
         name = f'conv{block}_{index}'
         x = nn.Conv(scaled(channels, self.width), (size, size), padding='SAME', name=name,
                     **layer)(x)
-        x = nn.relu(x)
+        x = _keep_valid(nn.relu(x), sizes)
       x = nn.max_pool(x, (2, 2), strides=(2, 2))
+      if sizes is not None:
+        sizes = sizes // 2
+        x = _keep_valid(x, sizes)
     # fc6 flattens in (height, width, channel) order, as Keras does; on a dense score map
     # fc7 and fc8 act on the channel axis of every location, i.e. as 1 x 1 convolutions.
     x = nn.relu(GridDense(scaled(FC_WIDTH, self.width), name='fc6', **layer)(x, dense=dense))

@@ -7,8 +7,9 @@ scale and its test scales for that protocol.
 """
 
 import json
-import os
 from typing import Optional
+
+from etils import epath
 
 from vgg_jax import config_validation
 from vgg_jax import evaluation
@@ -102,10 +103,10 @@ def markdown(results: dict, title: str) -> str:
         f'{", ".join(map(str, r["scales"]))} | {r["crops_per_image"]} | '
         f'{_pct(r["top1_error"])} | {_pct(r["top5_error"])} | {paper} | '
         f'{r["img_per_s"]:.1f} | {r["step"]} |')
-  lines += ['', 'Errors over all %d examples (exact counts). Dense: the whole image and its '
-            'flip per scale; multi-crop: a 5x5 grid of crops and their flips per scale (Sec. '
-            '3.2). img/s: steady state, compilation excluded.' %
-            max(r['num_examples'] for r in results.values())]
+  lines += ['', 'Errors over all %d examples (exact counts). Views per image: dense, the '
+            'whole image per scale; multi-crop, a 5x5 grid of crops per scale; each also '
+            'flipped when config.test_flip (Sec. 3.2). img/s: steady state, compilation '
+            'excluded.' % max(r['num_examples'] for r in results.values())]
   return '\n'.join(lines) + '\n'
 
 
@@ -124,18 +125,12 @@ def annotate(results: dict, config, step: int, split: str) -> dict:
 
 def write(workdir: str, results: dict, title: str) -> str:
   """Merges `results` into WORKDIR/eval/results.json (other protocols' entries are kept) and
-  rewrites WORKDIR/eval/results.md; returns the eval directory."""
-  directory = os.path.join(workdir, 'eval')
-  os.makedirs(directory, exist_ok=True)
-  path = os.path.join(directory, 'results.json')
-  merged = {}
-  if os.path.exists(path):
-    with open(path) as f:
-      merged = json.load(f)
+  rewrites WORKDIR/eval/results.md; returns the eval directory. Local paths or gs://."""
+  directory = epath.Path(workdir) / 'eval'
+  directory.mkdir(parents=True, exist_ok=True)
+  path = directory / 'results.json'
+  merged = json.loads(path.read_text()) if path.exists() else {}
   merged.update(results)
-  with open(path + '.tmp', 'w') as f:
-    json.dump(merged, f, indent=2)
-  os.replace(path + '.tmp', path)
-  with open(os.path.join(directory, 'results.md'), 'w') as f:
-    f.write(markdown(merged, title))
-  return directory
+  path.write_text(json.dumps(merged, indent=2))
+  (directory / 'results.md').write_text(markdown(merged, title))
+  return str(directory)

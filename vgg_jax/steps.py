@@ -65,11 +65,13 @@ def create_plateau(config) -> optax.GradientTransformationExtraArgs:
       min_scale=config.lr_plateau_factor ** config.lr_max_decreases)
 
 
-def create_train_state(config, rng: jax.Array, image_size: int) -> TrainState:
-  """Fresh parameters and optimiser state, all float32 (whatever `config.dtype` computes in)."""
+def create_train_state(config, rng: jax.Array, image_size: int, params=None) -> TrainState:
+  """Fresh optimiser state, all float32 (whatever `config.dtype` computes in), for fresh
+  parameters or the given ones (a run seeded from another, Sec. 3.1)."""
   model = create_model(config)
-  dummy = jnp.zeros((1, image_size, image_size, 3), jnp.float32)
-  params = jax.jit(lambda r: model.init(r, dummy, train=False))(rng)['params']
+  if params is None:
+    dummy = jnp.zeros((1, image_size, image_size, 3), jnp.float32)
+    params = jax.jit(lambda r: model.init(r, dummy, train=False))(rng)['params']
   state = TrainState.create(apply_fn=model.apply, params=params, tx=create_optimizer(config),
                             plateau=create_plateau(config).init(params))
   # Placed as the pmapped step returns it, so the second step does not compile again.
@@ -126,13 +128,31 @@ def train_step(state: TrainState, batch: dict[str, jax.Array], rng: jax.Array, *
   images = preprocess.train_images(batch['image'], color_rng, config.mean_rgb,
                                    config.color_shift_std, DTYPES[config.dtype])
 
-  def loss_fn(params):
+  def loss_fn(params, images, labels, dropout_rng):
     logits = state.apply_fn({'params': params}, images, train=True,
                             rngs={'dropout': dropout_rng})
-    metrics = classification_metrics(logits, batch['label'])
+    metrics = classification_metrics(logits, labels)
     return jnp.mean(metrics['loss']), metrics
 
-  grads, metrics = jax.grad(loss_fn, has_aux=True)(state.params)
+  grad_fn = jax.grad(loss_fn, has_aux=True)
+  accum = config.get('grad_accum_steps', 1)
+  if accum == 1:
+    grads, metrics = grad_fn(state.params, images, batch['label'], dropout_rng)
+  else:
+    # Sec. 3.3's "batch split into GPU batches", in time rather than over devices: the mean
+    # of the micro-batch gradients is the gradient of the whole batch.
+    def micro_step(grad_sum, micro):
+      images, labels, index = micro
+      grads, metrics = grad_fn(state.params, images, labels,
+                               jax.random.fold_in(dropout_rng, index))
+      return jax.tree.map(jnp.add, grad_sum, grads), metrics
+
+    split = lambda x: x.reshape((accum, -1) + x.shape[1:])
+    grad_sum, metrics = lax.scan(
+        micro_step, jax.tree.map(jnp.zeros_like, state.params),
+        (split(images), split(batch['label']), jnp.arange(accum)))
+    grads = jax.tree.map(lambda g: g / accum, grad_sum)
+    metrics = jax.tree.map(lambda m: m.reshape(-1), metrics)
   grads = lax.pmean(grads, AXIS)
   updates, opt_state = state.tx.update(grads, state.opt_state, state.params)
   updates = jax.tree.map(lambda u: u * state.plateau.scale, updates)

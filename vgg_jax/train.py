@@ -13,6 +13,7 @@ import time
 
 from absl import logging
 from clu import metric_writers
+from etils import epath
 import jax
 import numpy as np
 
@@ -95,7 +96,7 @@ def train_and_evaluate(config, workdir: str) -> dict:
   """Trains `config` in `workdir` (resuming if it holds checkpoints); returns the final
   held-out metrics, also written to WORKDIR/eval_metrics.json."""
   config_validation.validate(config, jax.device_count())
-  os.makedirs(workdir, exist_ok=True)
+  epath.Path(workdir).mkdir(parents=True, exist_ok=True)
   builder = input_pipeline.get_builder(config)
   dataset_classes = input_pipeline.num_classes(builder)
   if dataset_classes != config.num_classes:
@@ -117,6 +118,9 @@ def train_and_evaluate(config, workdir: str) -> dict:
   if restored is not None:
     state = restored
     logging.info('Resumed from %s at step %d.', manager.directory, int(state.step))
+  elif config.get('init_from'):
+    params = checkpoints.seed_params(jax.device_get(state.params), config)
+    state = steps.create_train_state(config, init_rng, config.image_size, params=params)
   start_step = int(jax.device_get(state.step))
 
   writer = _create_writer(workdir)
@@ -173,8 +177,7 @@ def train_and_evaluate(config, workdir: str) -> dict:
             'top5_error': eval_metrics['top5_error'],
             'num_examples': eval_metrics['num_examples']}
   if jax.process_index() == 0:
-    with open(os.path.join(workdir, 'eval_metrics.json'), 'w') as f:
-      json.dump(result, f, indent=2)
+    (epath.Path(workdir) / 'eval_metrics.json').write_text(json.dumps(result, indent=2))
   logging.info('Final held-out %s: top-1 error %.2f%%, top-5 error %.2f%% over %d images.',
                config.eval_split, 100 * result['top1_error'], 100 * result['top5_error'],
                result['num_examples'])
