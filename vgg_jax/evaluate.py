@@ -34,7 +34,6 @@ flags.DEFINE_string('split', None, 'Split to evaluate; default: the config\'s ev
 flags.DEFINE_string('data_dir', None, 'tfds data_dir, if not the one used in training.')
 flags.DEFINE_integer('dense_batch_size', None, 'Overrides config.dense_batch_size.')
 flags.DEFINE_integer('multicrop_batch_size', None, 'Overrides config.multicrop_batch_size.')
-flags.mark_flags_as_required(['workdir'])
 
 
 def _load(workdir: str, overrides: dict):
@@ -127,4 +126,6 @@ def main(argv):
 
 
 if __name__ == '__main__':
+  # Here, not at import: importing this module must not make its flags required elsewhere.
+  flags.mark_flags_as_required(['workdir'])
   app.run(main)

@@ -22,7 +22,6 @@ flags.DEFINE_string('coordinator_address', None, 'host:port of process 0, for se
                     'Cloud TPU pods.')
 flags.DEFINE_integer('num_processes', None, 'Number of processes of a multi-process run.')
 flags.DEFINE_integer('process_id', None, 'This process\'s index in a multi-process run.')
-flags.mark_flags_as_required(['config', 'workdir'])
 
 
 def initialize_distributed() -> None:
@@ -58,4 +57,6 @@ def main(argv):
 
 
 if __name__ == '__main__':
+  # Here, not at import: importing this module must not make its flags required elsewhere.
+  flags.mark_flags_as_required(['config', 'workdir'])
   app.run(main)
