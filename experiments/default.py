@@ -57,6 +57,8 @@ def get_config(arg: Optional[str] = None) -> ml_collections.ConfigDict:
   config.mean_rgb = (123.68, 116.779, 103.939)  # ILSVRC-2012 training-set mean, 0-255.
   config.shuffle_buffer_size = 16_384
   config.cache = False  # Keep encoded examples in memory (small datasets).
+  config.strict_data = False  # folder: datasets: a bad file fails preparation, else fixed/skipped.
+  config.max_image_pixels = 40_000_000  # folder: datasets: larger images downscaled when prepared.
 
   # Test protocol (Sec. 3.2): `python -m vgg_jax.evaluate`, and during training.
   config.test_scales = ()  # Q of multi-scale tests; (): S-32, S, S+32 or Smin, mid, Smax.
@@ -88,6 +90,9 @@ def get_config(arg: Optional[str] = None) -> ml_collections.ConfigDict:
   config.lr_max_decreases = 3
   config.num_epochs = 74.0  # 370K iterations at batch 256.
   config.num_train_steps = -1  # > 0 overrides num_epochs.
+  # A step whose loss or gradients are NaN/inf never updates the parameters; False: training
+  # stops there, naming the step; True: such steps are skipped and counted.
+  config.skip_nonfinite_steps = False
 
   # Bookkeeping.
   config.log_every_steps = 100

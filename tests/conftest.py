@@ -1,11 +1,21 @@
 """Shared test set-up: 8 fake CPU devices, the digits dataset built once, real photos."""
 
 import os
+import shutil
+import tempfile
 
 # Before jax is imported anywhere: 8 CPU devices stand in for 8 accelerators.
 os.environ['XLA_FLAGS'] = (os.environ.get('XLA_FLAGS', '') +
                            ' --xla_force_host_platform_device_count=8').strip()
 os.environ.setdefault('TF_CPP_MIN_LOG_LEVEL', '2')
+# JAX's persistent compilation cache, shared by this session and the runs it starts: the same
+# small nets are built by many tests, and a cached executable computes exactly what a fresh
+# compilation does.
+if 'JAX_COMPILATION_CACHE_DIR' not in os.environ:
+  _CACHE_DIR = os.environ['JAX_COMPILATION_CACHE_DIR'] = tempfile.mkdtemp(
+      prefix='vgg_jax_test_compilation_cache_')
+else:
+  _CACHE_DIR = None
 
 import numpy as np  # pylint: disable=g-import-not-at-top
 import pytest  # pylint: disable=g-import-not-at-top
@@ -59,3 +69,9 @@ def photos_config(tmp_path_factory, digits_config):
   config.cache = False
   input_pipeline.get_builder(config)
   return config
+
+
+def pytest_sessionfinish(session, exitstatus):
+  del session, exitstatus
+  if _CACHE_DIR:
+    shutil.rmtree(_CACHE_DIR, ignore_errors=True)

@@ -19,6 +19,7 @@ from scipy import stats
 import tensorflow as tf
 import tensorflow_datasets as tfds
 
+from vgg_jax import config_validation
 from vgg_jax import input_pipeline
 from vgg_jax import preprocess
 
@@ -551,7 +552,7 @@ def test_imagenet_without_archives_raises_naming_the_files_and_the_directory(
   manual_dir.mkdir()
   config = config_copy(digits_config, dataset='imagenet2012',
                        data_dir=str(tmp_path / 'tfds'), manual_dir=str(manual_dir))
-  with pytest.raises(FileNotFoundError) as error:
+  with pytest.raises(config_validation.ConfigError) as error:
     input_pipeline.get_builder(config)
   message = str(error.value)
   for expected in ('ILSVRC2012_img_train.tar', 'ILSVRC2012_img_val.tar', str(manual_dir)):
@@ -560,7 +561,7 @@ def test_imagenet_without_archives_raises_naming_the_files_and_the_directory(
 
   # With the training archive in place, only the validation archive is named.
   (manual_dir / 'ILSVRC2012_img_train.tar').write_bytes(b'')
-  with pytest.raises(FileNotFoundError) as error:
+  with pytest.raises(config_validation.ConfigError) as error:
     input_pipeline.get_builder(config)
   assert 'ILSVRC2012_img_val.tar' in str(error.value)
   assert 'ILSVRC2012_img_train.tar' not in str(error.value)

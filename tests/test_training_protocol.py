@@ -126,12 +126,16 @@ def test_seeding_from_net_a_copies_its_seven_layers_and_leaves_the_rest(net_a_di
 
 def test_seeding_refuses_a_shape_mismatch_naming_the_layer(net_a_dir, digits_config):
   wider = fresh_params('D', width=1 / 8)
-  with pytest.raises(ValueError, match=r'conv1_1/kernel.*\(3, 3, 3, 4\).*\(3, 3, 3, 8\)'):
+  with pytest.raises(config_validation.ConfigError,
+                     match=r'width=0.0625, this run has width=0.125; init_mode=net_a'):
     checkpoints.seed_params(wider, seeding_config(digits_config, net_a_dir, width=1 / 8))
+  with pytest.raises(ValueError, match=r'conv1_1/kernel.*\(3, 3, 3, 4\).*\(3, 3, 3, 8\)'):
+    checkpoints.transplant(wider, saved_params(net_a_dir), checkpoints.NET_A_LAYERS)
 
 
 def test_init_mode_all_needs_the_same_net(net_a_dir, digits_config):
-  with pytest.raises(ValueError, match='holds net A.*init_mode=all needs net D'):
+  with pytest.raises(config_validation.ConfigError,
+                     match="variant='A', this run has variant='D'; init_mode=all"):
     checkpoints.seed_params(fresh_params('D'),
                             seeding_config(digits_config, net_a_dir, mode='all'))
   a = fresh_params('A', seed=5)
@@ -141,7 +145,8 @@ def test_init_mode_all_needs_the_same_net(net_a_dir, digits_config):
 
 
 def test_init_from_a_workdir_without_checkpoints_says_to_train_it_first(tmp_path, digits_config):
-  with pytest.raises(FileNotFoundError, match='init_from=.*no checkpoints.*train that net'):
+  with pytest.raises(config_validation.ConfigError,
+                     match='init_from=.*no checkpoint in.*train that net'):
     checkpoints.seed_params(fresh_params('D'), seeding_config(digits_config, str(tmp_path)))
 
 

@@ -4,6 +4,10 @@ A checkpoint holds the step, parameters, optimiser state and learning-rate plate
 data position needs nothing more, since the input stream is a function of the step
 (`input_pipeline.train_dataset`). The config is stored as JSON so a checkpoint says what it is.
 Nothing is pickled.
+
+Orbax writes each checkpoint into a temporary directory and renames it when complete, so a
+process killed at any moment leaves the previous checkpoints whole; a partial one is never
+restored, and is removed when the next run starts.
 """
 
 import os
@@ -18,7 +22,15 @@ import ml_collections
 import numpy as np
 import orbax.checkpoint as ocp
 
+from vgg_jax import config_validation
 from vgg_jax import steps
+
+# Config fields that fix the parameter shapes: a checkpoint only fits a net that agrees on all.
+SHAPE_FIELDS = ('variant', 'width', 'num_classes', 'image_size')
+
+
+class CheckpointWriteError(RuntimeError):
+  """Writing a checkpoint failed (disk full, no permission); the earlier ones are intact."""
 
 
 def checkpoint_dir(workdir: str) -> str:
@@ -28,22 +40,43 @@ def checkpoint_dir(workdir: str) -> str:
 
 def create_manager(workdir: str, config) -> ocp.CheckpointManager:
   """Saves asynchronously into WORKDIR/checkpoints, keeping the newest `keep_checkpoints`."""
-  options = ocp.CheckpointManagerOptions(max_to_keep=config.keep_checkpoints, create=True)
+  options = ocp.CheckpointManagerOptions(max_to_keep=config.keep_checkpoints, create=True,
+                                         cleanup_tmp_directories=True)
   return ocp.CheckpointManager(checkpoint_dir(workdir), options=options,
                                item_names=('state', 'config'))
 
 
 def _saved_fields(state: steps.TrainState) -> dict:
   return {'step': state.step, 'params': state.params, 'opt_state': state.opt_state,
-          'plateau': state.plateau}
+          'plateau': state.plateau, 'nonfinite_steps': state.nonfinite_steps}
 
 
 def save(manager: ocp.CheckpointManager, state: steps.TrainState, config) -> None:
   """Starts an asynchronous save of `state` at its step (returns once the arrays are copied)."""
   step = int(jax.device_get(state.step))
-  manager.save(step, args=ocp.args.Composite(
-      state=ocp.args.StandardSave(_to_global(_saved_fields(state))),
-      config=ocp.args.JsonSave(config.to_dict())))
+  try:
+    manager.save(step, args=ocp.args.Composite(
+        state=ocp.args.StandardSave(_to_global(_saved_fields(state))),
+        config=ocp.args.JsonSave(config.to_dict())))
+  except Exception as e:  # Also where the previous save's asynchronous error surfaces.
+    raise _write_error(manager, e) from e
+
+
+def wait_until_finished(manager: ocp.CheckpointManager) -> None:
+  """Blocks until the asynchronous save under way is on disk; CheckpointWriteError if it failed."""
+  try:
+    manager.wait_until_finished()
+  except Exception as e:
+    raise _write_error(manager, e) from e
+
+
+def _write_error(manager: ocp.CheckpointManager, error: Exception) -> CheckpointWriteError:
+  on_disk = ocp.CheckpointManager(manager.directory, item_names=('state', 'config')).latest_step()
+  kept = (f'the newest complete checkpoint, of step {on_disk}, is intact'
+          if on_disk is not None else 'no complete checkpoint was written before')
+  return CheckpointWriteError(
+      f'Writing a checkpoint to {manager.directory} failed ({type(error).__name__}: {error}); '
+      f'{kept}. Free space or fix permissions there, then rerun the same command to resume.')
 
 
 def _global_mesh() -> jax.sharding.Mesh:
@@ -82,6 +115,47 @@ def restore_latest(manager: ocp.CheckpointManager,
   restored = manager.restore(step, args=ocp.args.Composite(
       state=ocp.args.StandardRestore(target)))['state']
   return state.replace(**_to_local(restored))
+
+
+def check_resume(workdir: str, config) -> bool:
+  """Whether WORKDIR holds a checkpoint to resume; a ConfigError, before anything is built,
+  when that checkpoint's net has other parameter shapes than `config`'s."""
+  if not epath.Path(checkpoint_dir(workdir)).is_dir():
+    return False
+  manager = ocp.CheckpointManager(checkpoint_dir(workdir), item_names=('state', 'config'))
+  step = manager.latest_step()
+  if step is None:
+    return False
+  saved = restore_config(manager, step)
+  for field in SHAPE_FIELDS:
+    if saved.get(field) != config[field]:
+      raise config_validation.ConfigError(
+          f'config.{field}={config[field]!r}: {checkpoint_dir(workdir)} holds a checkpoint '
+          f'(step {step}) of a net with {field}={saved.get(field)!r}, whose parameters do not '
+          f'fit. Resume with {field}={saved.get(field)!r}, or start in a new workdir (with '
+          'config.init_from to reuse the weights).')
+  return True
+
+
+def check_init_from(config) -> None:
+  """A ConfigError, before anything is built, unless config.init_from holds a checkpoint that
+  can seed this net: net A (or A-LRN) for init_mode 'net_a', this very net for 'all'."""
+  source_dir, mode = config.init_from, config.init_mode
+  field = f'config.init_from={source_dir!r}'
+  try:
+    source = load_config(source_dir)
+  except FileNotFoundError as e:
+    raise config_validation.ConfigError(f'{field}: no checkpoint in '
+                                        f'{checkpoint_dir(source_dir)}; train that net first.') from e
+  if mode == 'net_a' and source.variant not in ('A', 'A-LRN'):
+    raise config_validation.ConfigError(
+        f'{field}: holds net {source.variant}, but init_mode=net_a seeds from net A (Sec. 3.1); '
+        'point init_from at a net-A run, or use init_mode=all to continue the same net.')
+  for name in (('variant',) if mode == 'all' else ()) + ('width', 'num_classes', 'image_size'):
+    if source.get(name) != config[name]:
+      raise config_validation.ConfigError(
+          f'{field}: holds a net with {name}={source.get(name)!r}, this run has '
+          f'{name}={config[name]!r}; init_mode={mode} needs them equal.')
 
 
 def restore_config(manager: ocp.CheckpointManager, step: Optional[int] = None) -> dict:
@@ -155,16 +229,8 @@ def seed_params(params: dict, config) -> dict:
   source must be the same net (the S = 384 net from S = 256, jittered S from S = 384).
   """
   source_dir, mode = config.init_from, config.init_mode
-  if not epath.Path(checkpoint_dir(source_dir)).is_dir():
-    raise FileNotFoundError(f'config.init_from={source_dir!r}: no checkpoints in '
-                            f'{checkpoint_dir(source_dir)}; train that net first.')
+  check_init_from(config)
   source_config = load_config(source_dir)
-  if mode == 'all' and (source_config.variant, source_config.width) != (config.variant,
-                                                                           config.width):
-    raise ValueError(f'config.init_from={source_dir!r} holds net {source_config.variant} '
-                     f'(width {source_config.width}); init_mode=all needs net '
-                     f'{config.variant} (width {config.width}). Use init_mode=net_a to seed '
-                     'from net A.')
   source = restore_params(source_dir, source_config)
   layers = NET_A_LAYERS if mode == 'net_a' else tuple(params)
   params = transplant(params, source, layers)

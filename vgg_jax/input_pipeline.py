@@ -11,6 +11,7 @@ split; batches come shaped (local_devices, per_device_batch, ...) for `jax.pmap`
 """
 
 import dataclasses
+import difflib
 import math
 import os
 from typing import Iterator, Optional
@@ -23,6 +24,7 @@ import tensorflow_datasets as tfds
 from vgg_jax import config_validation
 from vgg_jax import evaluation
 from vgg_jax import datasets  # pylint: disable=unused-import  # Registers vgg_jax's builders.
+from vgg_jax.datasets import image_folder
 
 IMAGENET_ARCHIVES = ('ILSVRC2012_img_train.tar', 'ILSVRC2012_img_val.tar')
 
@@ -41,8 +43,19 @@ def get_builder(config) -> tfds.core.DatasetBuilder:
 
   imagenet2012 cannot be downloaded: it is built from the ILSVRC-2012 tar files the user
   downloads by hand into `config.manual_dir`, and a clear error says so when they are missing.
+  'folder:ROOT' is a folder of images, prepared (once) by `image_folder.prepared_builder`.
   """
-  builder = tfds.builder(config.dataset, data_dir=config.data_dir)
+  if image_folder.is_image_folder(config.dataset):
+    return image_folder.prepared_builder(config)
+  try:
+    builder = tfds.builder(config.dataset, data_dir=config.data_dir)
+  except tfds.core.registered.DatasetNotFoundError as e:
+    name = config.dataset.split(':')[0].split('/')[0]
+    close = difflib.get_close_matches(name, tfds.list_builders(), n=3)
+    hint = f' Did you mean {" or ".join(close)}?' if close else ''
+    raise config_validation.ConfigError(
+        f'config.dataset={config.dataset!r}: not a tfds dataset.{hint} Any name from '
+        'tfds.list_builders() works, plus sklearn_digits, which ships with vgg_jax.') from e
   if not builder.is_prepared():
     download_config = None
     if config.dataset.split(':')[0].split('/')[0] == 'imagenet2012':
@@ -57,11 +70,12 @@ def check_imagenet_archives(manual_dir: Optional[str], builder) -> None:
   where = manual_dir or os.path.join(builder.data_dir_root, 'downloads', 'manual')
   missing = [name for name in IMAGENET_ARCHIVES if not tf.io.gfile.exists(os.path.join(where, name))]
   if missing:
-    raise FileNotFoundError(
-        f'imagenet2012 is not prepared in {builder.data_dir_root} and {", ".join(missing)} '
-        f'{"is" if len(missing) == 1 else "are"} missing from {where}. Download the ILSVRC-2012 '
-        'training and validation tar files from https://image-net.org (an account is needed), '
-        'put them in one directory and pass it as --config.manual_dir=DIR.')
+    raise config_validation.ConfigError(
+        f'config.manual_dir={manual_dir!r}: imagenet2012 is not prepared in '
+        f'{builder.data_dir_root} and {", ".join(missing)} {"is" if len(missing) == 1 else "are"} '
+        f'missing from {where}. Download the ILSVRC-2012 training and validation tar files from '
+        'https://image-net.org (an account is needed), put them in one directory and pass it '
+        'as --config.manual_dir=DIR.')
 
 
 def supervised_keys(builder) -> tuple[str, str]:

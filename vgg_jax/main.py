@@ -3,7 +3,10 @@
 Config fields are overridden on the command line, e.g. `--config.batch_size=64`.
 """
 
+import difflib
+import importlib.util
 import os
+import sys
 
 from absl import app
 from absl import flags
@@ -11,7 +14,9 @@ from absl import logging
 import jax
 from ml_collections import config_flags
 
+from vgg_jax import checkpoints
 from vgg_jax import cli
+from vgg_jax import config_validation
 from vgg_jax import train
 
 FLAGS = flags.FLAGS
@@ -45,6 +50,37 @@ def initialize_distributed() -> None:
     jax.distributed.initialize()
 
 
+def _config_file_fields(argv: list[str]):
+  """The fields of the config file named by --config=FILE[:ARG] in argv; None if unreadable
+  (absl then reports the problem itself)."""
+  files = [a.split('=', 1)[1] for a in argv if a.startswith('--config=')]
+  if not files:
+    return None
+  path, _, arg = files[-1].partition(':')
+  try:
+    spec = importlib.util.spec_from_file_location('_vgg_jax_config_file', path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return set((module.get_config(arg) if arg else module.get_config()).keys())
+  except Exception:  # pylint: disable=broad-except
+    return None
+
+
+def parse_flags(argv: list[str]) -> list[str]:
+  """absl's parsing, with a mistyped config field named as such, with the fields it is near."""
+  fields = _config_file_fields(argv)
+  for argument in argv:
+    if fields is not None and argument.startswith('--config.'):
+      name, _, value = argument[len('--config.'):].partition('=')
+      if name.split('.')[0] not in fields:
+        config_file = [a.split('=', 1)[1] for a in argv if a.startswith('--config=')][-1]
+        close = difflib.get_close_matches(name.split('.')[0], sorted(fields), n=3)
+        sys.exit(f'FATAL Flags parsing error: --config.{name}={value}: {config_file} has no '
+                 f'field {name.split(".")[0]!r}.' +
+                 (f' Did you mean {" or ".join(close)}?' if close else ''))
+  return app.parse_flags_with_usage(argv)
+
+
 def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f'Unexpected arguments: {" ".join(argv[1:])}')
@@ -53,10 +89,15 @@ def main(argv):
   logging.info('JAX %s: process %d of %d, %d local device(s): %s', jax.__version__,
                jax.process_index(), jax.process_count(), jax.local_device_count(),
                jax.local_devices()[0].device_kind)
-  train.train_and_evaluate(FLAGS.config, FLAGS.workdir)
+  try:
+    train.train_and_evaluate(FLAGS.config, FLAGS.workdir)
+  except (config_validation.ConfigError, train.NonFiniteError,
+          checkpoints.CheckpointWriteError) as e:
+    logging.error('%s', e)
+    sys.exit(f'vgg_jax.main: {e}')
 
 
 if __name__ == '__main__':
   # Here, not at import: importing this module must not make its flags required elsewhere.
   flags.mark_flags_as_required(['config', 'workdir'])
-  app.run(main)
+  app.run(main, flags_parser=parse_flags)

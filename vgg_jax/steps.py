@@ -28,9 +28,11 @@ class TrainState(train_state.TrainState):
   """Flax's TrainState plus the learning-rate plateau tracker (Sec. 3.1).
 
   `plateau` is optax's `reduce_on_plateau` state; `plateau.scale` multiplies the learning rate
-  and is advanced only by validation results (`plateau_update`).
+  and is advanced only by validation results (`plateau_update`). `nonfinite_steps` counts the
+  steps whose loss or gradients were not finite, none of which changed the parameters.
   """
   plateau: Any = None
+  nonfinite_steps: Any = 0
 
 
 def replicated_sharding() -> jax.sharding.NamedSharding:
@@ -75,7 +77,8 @@ def create_train_state(config, rng: jax.Array, image_size: int, params=None) -> 
   state = TrainState.create(apply_fn=model.apply, params=params, tx=create_optimizer(config),
                             plateau=create_plateau(config).init(params))
   # Placed as the pmapped step returns it, so the second step does not compile again.
-  return jax.device_put(state.replace(step=jnp.zeros((), jnp.int32)), replicated_sharding())
+  state = state.replace(step=jnp.zeros((), jnp.int32), nonfinite_steps=jnp.zeros((), jnp.int32))
+  return jax.device_put(state, replicated_sharding())
 
 
 def plateau_update(state: TrainState, config, validation_error: float) -> TrainState:
@@ -154,13 +157,21 @@ def train_step(state: TrainState, batch: dict[str, jax.Array], rng: jax.Array, *
     grads = jax.tree.map(lambda g: g / accum, grad_sum)
     metrics = jax.tree.map(lambda m: m.reshape(-1), metrics)
   grads = lax.pmean(grads, AXIS)
+  metrics = lax.pmean({name: jnp.mean(value) for name, value in metrics.items()}, AXIS)
+  metrics['grad_norm'] = optax.global_norm(grads)
+  # One NaN or inf anywhere must not reach the parameters or the momentum: such a step leaves
+  # them as they were, and the host stops the run (or skips on, with skip_nonfinite_steps).
+  finite = jnp.isfinite(metrics['loss']) & jnp.isfinite(metrics['grad_norm'])
   updates, opt_state = state.tx.update(grads, state.opt_state, state.params)
   updates = jax.tree.map(lambda u: u * state.plateau.scale, updates)
-  state = state.replace(step=state.step + 1, params=optax.apply_updates(state.params, updates),
-                        opt_state=opt_state)
-  metrics = {name: jnp.mean(value) for name, value in metrics.items()}
+  params = optax.apply_updates(state.params, updates)
+  keep_if_finite = lambda new, old: jax.tree.map(lambda n, o: jnp.where(finite, n, o), new, old)
+  state = state.replace(step=state.step + 1, params=keep_if_finite(params, state.params),
+                        opt_state=keep_if_finite(opt_state, state.opt_state),
+                        nonfinite_steps=state.nonfinite_steps + (~finite).astype(jnp.int32))
   metrics['learning_rate'] = learning_rate(state, config)
-  return state, lax.pmean(metrics, AXIS)
+  metrics['nonfinite'] = (~finite).astype(jnp.float32)
+  return state, metrics
 
 
 def eval_step(state: TrainState, batch: dict[str, jax.Array], *,

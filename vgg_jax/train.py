@@ -4,17 +4,27 @@ Resumes from the newest checkpoint in the workdir; evaluates on the held-out spl
 `eval_every_steps` (default: each epoch), feeding the validation error to the learning-rate
 plateau rule of Sec. 3.1; writes TensorBoard summaries and, at the end,
 WORKDIR/eval_metrics.json.
+
+Runs last days on preemptible machines, so: every check that can fail on the config, the
+workdir or the dataset runs before anything compiles; SIGTERM (the preemption notice) saves
+the current step and returns; a non-finite loss or gradient never reaches the parameters and
+stops the run before it is checkpointed; a failed checkpoint write stops it with the previous
+checkpoint intact.
 """
 
+import contextlib
 import functools
 import json
 import os
+import signal
+import threading
 import time
 
 from absl import logging
 from clu import metric_writers
 from etils import epath
 import jax
+from jax.experimental import multihost_utils
 import numpy as np
 
 from vgg_jax import checkpoints
@@ -42,6 +52,55 @@ class Progress:
     steps_per_s = (step - self.last_step) / max(elapsed, 1e-9)
     self.restart(step)
     return steps_per_s * self.global_batch, (self.num_steps - step) / max(steps_per_s, 1e-9)
+
+
+class NonFiniteError(RuntimeError):
+  """A step's loss or gradients were NaN or infinite (and skip_nonfinite_steps is off)."""
+
+
+class Preemption:
+  """Whether the run has been asked to stop (SIGTERM, the preemption notice of cloud VMs).
+
+  One process: a SIGTERM handler sets a flag, read between steps. Several processes: JAX's
+  preemption service (started by jax.distributed) catches the signal on any of them and agrees
+  on a step at which all save together.
+  """
+
+  def __init__(self):
+    self.requested, self._previous = False, None
+    if jax.process_count() == 1 and threading.current_thread() is threading.main_thread():
+      self._previous = signal.signal(signal.SIGTERM, self._handle)
+
+  def _handle(self, signum, frame):
+    del signum, frame
+    self.requested = True
+
+  def reached(self, step: int) -> bool:
+    if jax.process_count() > 1:
+      return multihost_utils.reached_preemption_sync_point(step)
+    return self.requested
+
+  def close(self) -> None:
+    if self._previous is not None:
+      signal.signal(signal.SIGTERM, self._previous)
+
+
+def check_finite(history: list, state, config) -> None:
+  """Raises NonFiniteError at the first step of `history` ([(step, metrics)] on the host) whose
+  loss or gradient norm was not finite; with skip_nonfinite_steps, logs it instead."""
+  for step, metrics in history:
+    if not metrics['nonfinite']:
+      continue
+    name, value = (('loss', metrics['loss']) if not np.isfinite(metrics['loss'])
+                   else ('gradient norm', metrics['grad_norm']))
+    if not config.skip_nonfinite_steps:
+      raise NonFiniteError(
+          f'step {step}: the {name} is {value}. Its update was not applied and training stopped '
+          'before saving it; the checkpoints in the workdir hold only finite steps. Lower '
+          'config.learning_rate, check the data, or set config.skip_nonfinite_steps=True to '
+          'skip such steps.')
+    logging.warning('step %d: the %s is %s; update skipped (%d skipped in this run so far).',
+                    step, name, value, int(jax.device_get(state.nonfinite_steps)))
 
 
 def _duration(seconds: float) -> str:
@@ -92,17 +151,41 @@ def _create_writer(workdir: str) -> metric_writers.MetricWriter:
       metric_writers.SummaryWriter(os.path.join(workdir, 'tensorboard')))
 
 
+def _summarize(history: list) -> dict:
+  """Mean train metrics over the finite steps of `history` (all of them, if none is)."""
+  finite = [m for _, m in history if not m['nonfinite']] or [m for _, m in history]
+  return {k: float(np.mean([m[k] for m in finite])) for k in finite[0]}
+
+
+def check_workdir(workdir: str) -> None:
+  """Fails early, and says so, when WORKDIR cannot be created or written."""
+  path = epath.Path(workdir)
+  try:
+    path.mkdir(parents=True, exist_ok=True)
+    probe = path / f'.write_probe_{jax.process_index()}'
+    probe.write_text('')
+    probe.unlink()
+  except OSError as e:
+    raise config_validation.ConfigError(
+        f'--workdir={workdir!r}: cannot write there ({e.strerror or e}); choose a directory '
+        'this job can create and write.') from e
+
+
 def train_and_evaluate(config, workdir: str) -> dict:
   """Trains `config` in `workdir` (resuming if it holds checkpoints); returns the final
-  held-out metrics, also written to WORKDIR/eval_metrics.json."""
+  held-out metrics, also written to WORKDIR/eval_metrics.json. A run stopped by SIGTERM
+  returns {'preempted_at_step': step} after checkpointing that step."""
   config_validation.validate(config, jax.device_count())
-  epath.Path(workdir).mkdir(parents=True, exist_ok=True)
+  resuming = checkpoints.check_resume(workdir, config)
   builder = input_pipeline.get_builder(config)
   dataset_classes = input_pipeline.num_classes(builder)
   if dataset_classes != config.num_classes:
     raise config_validation.ConfigError(
         f'config.num_classes={config.num_classes}: {config.dataset} has {dataset_classes} '
         f'classes; set --config.num_classes={dataset_classes}.')
+  if not resuming and config.get('init_from'):
+    checkpoints.check_init_from(config)
+  check_workdir(workdir)
   sizes = input_pipeline.train_sizes(builder, config)
   num_steps = (config.num_train_steps if config.num_train_steps > 0
                else int(config.num_epochs * sizes.steps_per_epoch))
@@ -131,45 +214,76 @@ def train_and_evaluate(config, workdir: str) -> dict:
   batches = input_pipeline.prefetch_to_device(
       input_pipeline.as_numpy(input_pipeline.train_dataset(builder, config, start_step)))
   progress = Progress(num_steps, config.batch_size)
-  train_metrics, eval_metrics, eval_step = [], None, None
+  preemption = Preemption()
+  pending, history, eval_metrics, eval_step = [], [], None, None
 
-  for step in range(start_step + 1, num_steps + 1):
-    state, metrics = p_train_step(state, next(batches), step_rng)
-    train_metrics.append(metrics)
-    if step == start_step + 1:
-      jax.block_until_ready(metrics)
-      logging.info('First step done (compilation included).')
-      progress.restart(step)
-    if step % config.log_every_steps == 0 or step == num_steps:
-      summary = {k: float(np.mean(v)) for k, v in jax.device_get(
-          jax.tree.map(lambda *xs: np.stack(xs), *train_metrics)).items()}
-      train_metrics = []
-      img_per_s, eta = progress.rate(step)
-      writer.write_scalars(step, {**{f'train/{k}': v for k, v in summary.items()},
-                                  'train/img_per_s': img_per_s})
-      logging.info('step %d/%d: loss %.4f, top-1 err %.2f%%, top-5 err %.2f%%, lr %.3g, '
-                   '%.1f img/s, ETA %s', step, num_steps, summary['loss'],
-                   100 * summary['top1_error'], 100 * summary['top5_error'],
-                   summary['learning_rate'], img_per_s, _duration(eta))
-    if step % eval_every == 0 or step == num_steps:
-      eval_metrics, eval_step = evaluate(p_eval_step, state, builder, config), step
-      writer.write_scalars(step, {f'eval/{k}': v for k, v in eval_metrics.items()})
-      logging.info('step %d eval on %d examples: loss %.4f, top-1 err %.2f%%, top-5 err %.2f%%',
-                   step, eval_metrics['num_examples'], eval_metrics['loss'],
-                   100 * eval_metrics['top1_error'], 100 * eval_metrics['top5_error'])
-      if step % eval_every == 0:
-        state = steps.plateau_update(state, config, eval_metrics['top1_error'])
-      progress.restart(step)
-    protocols_every = config.eval_protocols_every_steps
-    if config.eval_protocols and (step == num_steps or
-                                  (protocols_every > 0 and step % protocols_every == 0)):
-      evaluate_protocols(state, builder, config, workdir, step, writer, final=step == num_steps)
-      progress.restart(step)
-    if step % config.checkpoint_every_steps == 0 or step == num_steps:
-      checkpoints.save(manager, state, config)
-      logging.info('Saving checkpoint of step %d in %s.', step, manager.directory)
-  manager.wait_until_finished()
+  def pull():
+    """The metrics of the steps run since the last pull, on the host and checked: a
+    non-finite step stops the run here, before anything is saved."""
+    nonlocal pending
+    steps_run = [(s, jax.device_get(m)) for s, m in pending]
+    pending = []
+    check_finite(steps_run, state, config)
+    return steps_run
+
+  try:
+    for step in range(start_step + 1, num_steps + 1):
+      state, metrics = p_train_step(state, next(batches), step_rng)
+      pending.append((step, metrics))
+      if step == start_step + 1:
+        jax.block_until_ready(metrics)
+        logging.info('First step done (compilation included).')
+        progress.restart(step)
+      if step % config.log_every_steps == 0 or step == num_steps:
+        history += pull()
+        summary = _summarize(history)
+        history = []
+        img_per_s, eta = progress.rate(step)
+        writer.write_scalars(step, {**{f'train/{k}': v for k, v in summary.items()},
+                                    'train/img_per_s': img_per_s})
+        logging.info('step %d/%d: loss %.4f, top-1 err %.2f%%, top-5 err %.2f%%, lr %.3g, '
+                     '%.1f img/s, ETA %s', step, num_steps, summary['loss'],
+                     100 * summary['top1_error'], 100 * summary['top5_error'],
+                     summary['learning_rate'], img_per_s, _duration(eta))
+      if step % eval_every == 0 or step == num_steps:
+        eval_metrics, eval_step = evaluate(p_eval_step, state, builder, config), step
+        writer.write_scalars(step, {f'eval/{k}': v for k, v in eval_metrics.items()})
+        logging.info('step %d eval on %d examples: loss %.4f, top-1 err %.2f%%, top-5 err '
+                     '%.2f%%', step, eval_metrics['num_examples'], eval_metrics['loss'],
+                     100 * eval_metrics['top1_error'], 100 * eval_metrics['top5_error'])
+        if step % eval_every == 0:
+          state = steps.plateau_update(state, config, eval_metrics['top1_error'])
+        progress.restart(step)
+      protocols_every = config.eval_protocols_every_steps
+      if config.eval_protocols and (step == num_steps or
+                                    (protocols_every > 0 and step % protocols_every == 0)):
+        evaluate_protocols(state, builder, config, workdir, step, writer,
+                           final=step == num_steps)
+        progress.restart(step)
+      preempted = preemption.reached(step) and step < num_steps
+      if step % config.checkpoint_every_steps == 0 or step == num_steps or preempted:
+        history += pull()
+        checkpoints.save(manager, state, config)
+        logging.info('Saving checkpoint of step %d in %s.', step, manager.directory)
+      if preempted:
+        checkpoints.wait_until_finished(manager)
+        writer.flush()
+        logging.warning('Preempted (SIGTERM) at step %d: its checkpoint is saved in %s. Run '
+                        'the same command again to resume there.', step, manager.directory)
+        return {'preempted_at_step': step}
+    checkpoints.wait_until_finished(manager)
+  except BaseException:
+    # Whatever stopped the loop, a save already under way may complete; its own failure, if
+    # any, is secondary to what stopped the loop.
+    with contextlib.suppress(Exception):
+      manager.wait_until_finished()
+    raise
+  finally:
+    preemption.close()
   writer.flush()
+  if int(jax.device_get(state.nonfinite_steps)):
+    logging.warning('%d step(s) had a non-finite loss or gradient and were skipped.',
+                    int(jax.device_get(state.nonfinite_steps)))
 
   if eval_step != num_steps:
     eval_metrics = evaluate(p_eval_step, state, builder, config)
