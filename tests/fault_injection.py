@@ -15,6 +15,7 @@ restores, steps lost, data lost) and exits 1 if anything was lost.
 
 import argparse
 import dataclasses
+import functools
 import json
 import os
 import random
@@ -135,10 +136,13 @@ def same(a, b) -> bool:
 
 
 def run_trials(trials: int, root: str, data_dir: str, seed: int, max_kills: int = 2,
-               log=print) -> dict:
+               log=functools.partial(print, flush=True)) -> dict:
   """Runs the experiment; returns the summary (also printed through `log`)."""
+  import jax  # pylint: disable=g-import-not-at-top
   rng = random.Random(seed)
   cache_dir = os.path.join(root, 'jax_cache')
+  if not jax.config.jax_compilation_cache_dir:  # This process restores workdirs, many times.
+    jax.config.update('jax_compilation_cache_dir', cache_dir)
   reference = os.path.join(root, 'reference')
   run = Run(reference, data_dir, cache_dir)
   if run.wait() != 0:
@@ -205,7 +209,7 @@ def main():
   parser.add_argument('--data_dir', default=None, help='tfds data_dir for the digits.')
   args = parser.parse_args()
   seed = args.seed if args.seed is not None else random.SystemRandom().randrange(1 << 30)
-  print(f'seed {seed}')
+  print(f'seed {seed}', flush=True)
   with tempfile.TemporaryDirectory() as tmp:
     root = args.workdir or tmp
     summary = run_trials(args.trials, root, args.data_dir or os.path.join(root, 'tfds'), seed,
