@@ -1,7 +1,6 @@
 """Long runs on preemptible machines: SIGTERM, SIGKILL, non-finite steps, failed checkpoint
 writes, and bad configs caught before anything compiles."""
 
-import contextlib
 import errno
 import os
 import re
@@ -18,6 +17,7 @@ import numpy as np
 import pytest
 
 from tests import fault_injection
+from tests.test_evaluation import count_compilations
 from tests.test_steps import device_split, fresh_rng, random_batch, small_config
 from tests.test_train import REPO, restored_params
 from vgg_jax import checkpoints
@@ -34,18 +34,6 @@ def tiny_config(digits_config, **overrides):
   config = digits_config.copy_and_resolve_references()
   config.update({**TINY, **overrides})
   return config
-
-
-@contextlib.contextmanager
-def count_compilations():
-  events = []
-  listener = lambda event, duration, **kw: events.append(event) if (
-      event == '/jax/core/compile/backend_compile_duration') else None
-  jax.monitoring.register_event_duration_secs_listener(listener)
-  try:
-    yield events
-  finally:
-    jax.monitoring.unregister_event_duration_listener(listener)
 
 
 def all_finite(tree) -> bool:
