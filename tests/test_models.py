@@ -433,3 +433,75 @@ def test_width_multiplies_every_channel_count(width, conv1, conv5, fc):
   assert shapes['fc6']['kernel'] == (conv5, fc)
   assert shapes['fc7']['kernel'] == (fc, fc)
   assert shapes['fc8']['kernel'] == (fc, 10)
+
+
+# ---------------------------------------------------------------------------------------------
+# The two gradients computed vgg_jax's own way (for CPU speed, benchmarks/conv_grads.py).
+
+
+def numpy_kernel_grad(x, grad, kernel_size):
+  """d(sum(conv(x, k) * grad)) / dk of a stride-1 'SAME' convolution, straight from its sum."""
+  pad = kernel_size // 2
+  padded = np.pad(np.asarray(x, np.float64), ((0, 0), (pad, pad), (pad, pad), (0, 0)))
+  height, width = x.shape[1:3]
+  return np.stack([
+      np.stack([np.einsum('nhwc,nhwf->cf', padded[:, i:i + height, j:j + width],
+                          np.asarray(grad, np.float64)) for j in range(kernel_size)])
+      for i in range(kernel_size)])
+
+
+@pytest.mark.parametrize('kernel_size', [1, 3])
+def test_matmul_kernel_gradient_equals_the_convolutions_gradient(kernel_size):
+  rng = fresh_rng()
+  x = jnp.asarray(rng.normal(size=(3, 12, 10, 5)), jnp.float32)
+  kernel = jnp.asarray(rng.normal(size=(kernel_size, kernel_size, 5, 7)), jnp.float32)
+  grad = jnp.asarray(rng.normal(size=(3, 12, 10, 7)), jnp.float32)
+  value, vjp = jax.vjp(models.conv_matmul_weight_grad, x, kernel)
+  grad_x, grad_kernel = vjp(grad)
+  xla_value, xla_vjp = jax.vjp(models._conv, x, kernel)  # pylint: disable=protected-access
+  xla_grad_x, _ = xla_vjp(grad)
+  assert relative_error(grad_kernel, numpy_kernel_grad(x, grad, kernel_size)) < 1e-5
+  np.testing.assert_array_equal(value, xla_value)
+  np.testing.assert_array_equal(grad_x, xla_grad_x)
+
+
+def test_max_pool_2x2_has_max_pools_values_and_gradients_bitwise_ties_included():
+  rng = fresh_rng()
+  x = jnp.asarray(rng.normal(size=(2, 8, 6, 4)), jnp.float32)
+  x = jnp.maximum(x, 0.0).at[:, :2].set(1.5)  # Zeros and whole windows of equal values.
+  grad = jnp.asarray(rng.normal(size=(2, 4, 3, 4)), jnp.float32)
+  reference = lambda v: nn.max_pool(v, (2, 2), strides=(2, 2))
+  value, vjp = jax.vjp(models.max_pool_2x2, x)
+  expected_value, expected_vjp = jax.vjp(reference, x)
+  np.testing.assert_array_equal(value, expected_value)
+  np.testing.assert_array_equal(vjp(grad)[0], expected_vjp(grad)[0])
+  # Each window's gradient lands on exactly one input: its first maximum.
+  assert int(jnp.sum(vjp(jnp.ones_like(grad))[0] != 0)) == grad.size
+  odd = jnp.asarray(rng.normal(size=(1, 5, 7, 2)), jnp.float32)
+  np.testing.assert_array_equal(models.max_pool_2x2(odd), reference(odd))
+
+
+def test_every_weight_grad_choice_gives_the_same_network_gradients():
+  rng = fresh_rng()
+  x = jnp.asarray(rng.normal(size=(2, 32, 32, 3)), jnp.float32)
+  labels = jnp.asarray(rng.integers(0, 10, 2))
+
+  def grads(weight_grad, params):
+    model = models.VGG(variant='C', width=1 / 16, num_classes=10, weight_grad=weight_grad)
+    loss = lambda p: jnp.mean(
+        -jax.nn.log_softmax(model.apply({'params': p}, x))[jnp.arange(2), labels])
+    return jax.grad(loss)(params)
+
+  params = random_params(models.VGG(variant='C', width=1 / 16, num_classes=10), rng=rng)
+  expected = grads('conv', params)
+  for weight_grad in ('matmul', 'auto'):
+    actual = grads(weight_grad, params)
+    for path, leaf in jax.tree_util.tree_leaves_with_path(actual):
+      reference = dict(jax.tree_util.tree_leaves_with_path(expected))[path]
+      assert relative_error(leaf, reference) < 1e-5, (weight_grad, path)
+
+
+def test_unknown_weight_grad_raises_naming_the_choices():
+  with pytest.raises(ValueError, match="weight_grad='fast'.*auto, conv, matmul"):
+    models.VGG(variant='A', width=0.125, weight_grad='fast').init(
+        jax.random.key(0), jnp.zeros((1, 32, 32, 3)))
