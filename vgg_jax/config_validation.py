@@ -52,6 +52,8 @@ def validate(config, num_devices: int) -> None:
     _fail('init', config.init, f'expected one of {", ".join(INITS)}.')
   if config.dtype not in DTYPE_NAMES:
     _fail('dtype', config.dtype, f'expected one of {", ".join(DTYPE_NAMES)}.')
+  if config.get('weight_grad', 'auto') not in models.WEIGHT_GRADS:
+    _fail('weight_grad', config.weight_grad, f'expected one of {", ".join(models.WEIGHT_GRADS)}.')
   if not config.width > 0:
     _fail('width', config.width, 'must be positive (1.0 is the paper\'s net).')
   if not 0 <= config.dropout_rate < 1:

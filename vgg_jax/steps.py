@@ -44,7 +44,8 @@ def replicated_sharding() -> jax.sharding.NamedSharding:
 def create_model(config) -> models.VGG:
   return models.VGG(variant=config.variant, num_classes=config.num_classes,
                     dropout_rate=config.dropout_rate, dtype=DTYPES[config.dtype],
-                    width=config.width, init_scheme=config.init, init_std=config.init_std)
+                    width=config.width, init_scheme=config.init, init_std=config.init_std,
+                    weight_grad=getattr(config, 'weight_grad', 'auto'))
 
 
 def _decay_mask(params):
@@ -67,13 +68,26 @@ def create_plateau(config) -> optax.GradientTransformationExtraArgs:
       min_scale=config.lr_plateau_factor ** config.lr_max_decreases)
 
 
+def init_params(model: models.VGG, rng: jax.Array, dummy: jax.Array):
+  """`model.init`'s parameters, compiled with XLA's backend optimisations off on CPU.
+
+  The initialisers' normal draws go through threefry and erfinv, which XLA's CPU backend takes
+  ~9 s to optimise for a whole VGG and ~1.3 s not to; init runs once, so the slower code
+  costs nothing that matters. The draws are the same distribution (values may differ from an
+  optimised compilation in the last bit).
+  """
+  init = jax.jit(lambda r: model.init(r, dummy, train=False)).lower(rng)
+  options = {'xla_backend_optimization_level': 0} if jax.default_backend() == 'cpu' else None
+  return init.compile(compiler_options=options)(rng)['params']
+
+
 def create_train_state(config, rng: jax.Array, image_size: int, params=None) -> TrainState:
   """Fresh optimiser state, all float32 (whatever `config.dtype` computes in), for fresh
   parameters or the given ones (a run seeded from another, Sec. 3.1)."""
   model = create_model(config)
   if params is None:
     dummy = jnp.zeros((1, image_size, image_size, 3), jnp.float32)
-    params = jax.jit(lambda r: model.init(r, dummy, train=False))(rng)['params']
+    params = init_params(model, rng, dummy)
   state = TrainState.create(apply_fn=model.apply, params=params, tx=create_optimizer(config),
                             plateau=create_plateau(config).init(params))
   # Placed as the pmapped step returns it, so the second step does not compile again.
@@ -156,18 +170,24 @@ def train_step(state: TrainState, batch: dict[str, jax.Array], rng: jax.Array, *
         (split(images), split(batch['label']), jnp.arange(accum)))
     grads = jax.tree.map(lambda g: g / accum, grad_sum)
     metrics = jax.tree.map(lambda m: m.reshape(-1), metrics)
-  grads = lax.pmean(grads, AXIS)
-  metrics = lax.pmean({name: jnp.mean(value) for name, value in metrics.items()}, AXIS)
+  metrics = {name: jnp.mean(value) for name, value in metrics.items()}
+  if lax.axis_size(AXIS) > 1:  # On one device XLA's all-reduce is a copy of every gradient.
+    grads, metrics = lax.pmean((grads, metrics), AXIS)
   metrics['grad_norm'] = optax.global_norm(grads)
   # One NaN or inf anywhere must not reach the parameters or the momentum: such a step leaves
   # them as they were, and the host stops the run (or skips on, with skip_nonfinite_steps).
   finite = jnp.isfinite(metrics['loss']) & jnp.isfinite(metrics['grad_norm'])
-  updates, opt_state = state.tx.update(grads, state.opt_state, state.params)
-  updates = jax.tree.map(lambda u: u * state.plateau.scale, updates)
-  params = optax.apply_updates(state.params, updates)
-  keep_if_finite = lambda new, old: jax.tree.map(lambda n, o: jnp.where(finite, n, o), new, old)
-  state = state.replace(step=state.step + 1, params=keep_if_finite(params, state.params),
-                        opt_state=keep_if_finite(opt_state, state.opt_state),
+  def update(params_and_opt_state):
+    params, opt_state = params_and_opt_state
+    updates, opt_state = state.tx.update(grads, opt_state, params)
+    updates = jax.tree.map(lambda u: u * state.plateau.scale, updates)
+    return optax.apply_updates(params, updates), opt_state
+
+  # A branch rather than a select per array: the skipped update is not computed, and the
+  # kept one needs no copy of the old parameters.
+  params, opt_state = lax.cond(finite, update, lambda unchanged: unchanged,
+                               (state.params, state.opt_state))
+  state = state.replace(step=state.step + 1, params=params, opt_state=opt_state,
                         nonfinite_steps=state.nonfinite_steps + (~finite).astype(jnp.int32))
   metrics['learning_rate'] = learning_rate(state, config)
   metrics['nonfinite'] = (~finite).astype(jnp.float32)
