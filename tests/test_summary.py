@@ -1,0 +1,53 @@
+"""`vgg_jax.summary`'s per-layer counts against the model itself, Table 2 and known figures."""
+
+import math
+
+import jax
+import jax.numpy as jnp
+import pytest
+
+from vgg_jax import models
+from vgg_jax import summary
+
+
+@pytest.mark.parametrize('variant', models.VARIANTS)
+@pytest.mark.parametrize('image_size,width,num_classes', [(224, 1.0, 1000), (64, 0.25, 10)])
+def test_parameter_counts_are_the_models_own(variant, image_size, width, num_classes):
+  model = models.VGG(variant=variant, width=width, num_classes=num_classes)
+  shapes = jax.eval_shape(model.init, jax.random.key(0),
+                          jax.ShapeDtypeStruct((1, image_size, image_size, 3), jnp.float32))
+  expected = sum(math.prod(leaf.shape) for leaf in jax.tree.leaves(shapes['params']))
+  rows = summary.layers(variant, image_size, width, num_classes)
+  assert summary.totals(variant, image_size, width, num_classes)['params'] == expected
+  # Every weight layer of the model is a row, in the paper's order.
+  assert [r.name for r in rows if r.params] == list(models.layer_names(variant))
+
+
+@pytest.mark.parametrize('variant,millions', [('A', 133), ('A-LRN', 133), ('B', 133),
+                                              ('C', 134), ('D', 138), ('E', 144)])
+def test_totals_round_to_table2(variant, millions):
+  assert round(summary.totals(variant)['params'] / 1e6) == millions
+
+
+def test_net_d_costs_15_47_g_multiply_adds_and_15_2_m_activations_per_image():
+  totals = summary.totals('D')
+  assert round(totals['macs'] / 1e7) == 1547  # The widely quoted 15.47 G.
+  # Written out by hand: input, 13 conv outputs, 5 pools, 3 fc outputs at 224.
+  hand = (224 * 224 * 3 + 2 * 224 * 224 * 64 + 112 * 112 * 64 + 2 * 112 * 112 * 128
+          + 56 * 56 * 128 + 3 * 56 * 56 * 256 + 28 * 28 * 256 + 3 * 28 * 28 * 512
+          + 14 * 14 * 512 + 3 * 14 * 14 * 512 + 7 * 7 * 512 + 4096 + 4096 + 1000)
+  assert totals['activations'] == hand and round(hand / 1e5) == 152
+  assert summary.train_flops_per_image('D') == 6 * totals['macs']
+  assert round(summary.train_flops_per_image('D') / 1e8) == 928  # 92.8 GFLOP.
+
+
+def test_table_has_a_row_per_layer_and_explains_the_cs231n_figure():
+  text = summary.table('D')
+  assert text.count('| conv') == 13 and text.count('| pool') == 5 and text.count('| fc') == 3
+  assert '138,357,544' in text and '15.47 G multiply-adds' in text
+  assert 'CS231n' in text and '24M' in text
+
+
+def test_unknown_variant_raises_naming_the_valid_ones():
+  with pytest.raises(ValueError, match="variant='F'.*A, A-LRN, B, C, D, E"):
+    summary.layers('F')
