@@ -607,3 +607,63 @@ def test_prefetch_to_device_yields_every_batch_in_order_split_over_the_devices(s
 
 def test_prefetch_to_device_of_nothing_yields_nothing():
   assert not list(input_pipeline.prefetch_to_device(iter([]), size=2))
+
+
+# ---------------------------------------------------------------------------------------------
+# Decoding only the crop's window of a JPEG (config.decode_crop).
+
+
+@pytest.mark.parametrize('shape,smallest_side', [((375, 500), 256), ((500, 375), 384),
+                                                 ((300, 451), 512), ((224, 224), 224)])
+def test_jpeg_crop_window_is_the_rescaled_crop_mapped_back_to_the_original(shape, smallest_side):
+  seeds = fresh_tf_seeds(200)
+  height, width = shape
+  ratio = smallest_side / min(shape)
+  scaled = np.maximum(np.round(np.array(shape) * ratio).astype(int), smallest_side)
+  offsets = []
+  for seed in seeds:
+    offset, top_left, size = (t.numpy() for t in input_pipeline.jpeg_crop_window(
+        tf.constant(shape), smallest_side, IMAGE_SIZE, tf.constant(seed)))
+    assert np.all(offset >= 0) and np.all(offset <= scaled - IMAGE_SIZE), offset
+    per_axis = scaled / np.array(shape)
+    # Rounded to the nearest pixel (float32 arithmetic may round an exact half either way).
+    assert np.all(np.abs(top_left - offset / per_axis) <= 0.5 + 1e-4), (top_left, offset)
+    assert np.all(np.abs(size - IMAGE_SIZE / per_axis) <= 1), size
+    assert np.all(top_left >= 0) and np.all(top_left + size <= [height, width])
+    offsets.append(offset)
+  offsets = np.array(offsets)
+  for axis in range(2):
+    span = scaled[axis] - IMAGE_SIZE
+    if span:  # Uniform over 0..span: both ends come close.
+      assert offsets[:, axis].min() <= max(1, span // 8), offsets[:, axis].min()
+      assert offsets[:, axis].max() >= span - max(1, span // 8), offsets[:, axis].max()
+
+
+@pytest.mark.parametrize('name', ['coffee', 'coffee_portrait', 'chelsea', 'astronaut'])
+@pytest.mark.parametrize('smallest_side', [256, 384])
+def test_decode_crop_gives_the_pixels_of_rescaling_the_whole_jpeg_then_cropping(
+    photos, name, smallest_side):
+  encoded = jpeg(photos[name])
+  rescaled = input_pipeline.rescale(input_pipeline.decode(encoded), smallest_side).numpy()
+  for seed in fresh_tf_seeds(4):
+    fast = input_pipeline.decode_crop_jpeg(encoded, smallest_side, IMAGE_SIZE,
+                                           tf.constant(seed)).numpy()
+    offset, _, _ = input_pipeline.jpeg_crop_window(
+        tf.shape(input_pipeline.decode(encoded))[:2], smallest_side, IMAGE_SIZE,
+        tf.constant(seed))
+    top, left = offset.numpy()
+    reference = rescaled[top:top + IMAGE_SIZE, left:left + IMAGE_SIZE]
+    difference = np.abs(fast - reference)
+    # The window's edges round to whole pixels of the original (up to a third of an output
+    # pixel's shift) and mild shrinking skips antialiasing: a few grey levels on average.
+    assert difference.mean() < 6.0, (name, difference.mean())
+    assert np.corrcoef(fast.ravel(), reference.ravel())[0, 1] > 0.97
+
+
+def test_decode_crop_leaves_non_jpeg_images_on_the_whole_image_path(photos):
+  encoded = png(photos['coffee'])
+  for seed in fresh_tf_seeds(3):
+    kwargs = dict(scale=(256, 512), image_size=IMAGE_SIZE, flip=True)
+    np.testing.assert_array_equal(
+        input_pipeline.train_transform(encoded, tf.constant(seed), decode_crop=True, **kwargs),
+        input_pipeline.train_transform(encoded, tf.constant(seed), decode_crop=False, **kwargs))
