@@ -25,3 +25,52 @@ def test_eval_cost_smoke_run_reports_both_methods(tmp_path):
   # 25 overlapping crops, twice, do more arithmetic than one 48x64 image, twice.
   assert report['multicrop_over_dense_flops'] > 1
   assert 'multicrop / dense' in result.stdout
+
+
+def run_benchmark(module: str, tmp_path, *args) -> tuple[dict, str]:
+  env = {k: v for k, v in os.environ.items() if k != 'XLA_FLAGS'}
+  out = tmp_path / f'{module}.json'
+  result = subprocess.run([sys.executable, '-m', f'benchmarks.{module}', '--smoke',
+                           f'--json={out}', *args], cwd=REPO, env=env, capture_output=True,
+                          text=True, check=False, timeout=600)
+  assert result.returncode == 0, result.stderr[-3000:]
+  with open(out) as f:
+    return json.load(f), result.stdout
+
+
+def test_train_step_smoke_run_reports_throughput_flops_and_the_loop_ablations(tmp_path):
+  report, stdout = run_benchmark('train_step', tmp_path, '--ablations')
+  (row,) = report['results']
+  assert row['variant'] == 'A' and row['dtype'] == 'float32'
+  # 6 x the multiply-adds of net A at 32x32 with 10 classes, counted by hand from Table 1.
+  convs = [(3, 64, 32), (64, 128, 16), (128, 256, 8), (256, 256, 8), (256, 512, 4),
+           (512, 512, 4), (512, 512, 2), (512, 512, 2)]
+  macs = sum(9 * cin * cout * size * size for cin, cout, size in convs)
+  macs += 512 * 4096 + 4096 * 4096 + 4096 * 10
+  assert row['train_flops_per_image'] == 6 * macs
+  assert row['jax']['images_per_s'] > 0 and len(row['jax']['step_times_s']) == 2
+  assert row['jax']['images_per_s'] == row['jax']['images_per_step'] / row['jax']['median_step_s']
+  ablations = row['ablations']
+  for name in ('train.py loop', 'metrics pulled every step', 'no prefetch to device',
+               'float32 transfer', 'no donation', 'kernel gradient as XLA convolution'):
+    assert ablations[name]['images_per_s'] > 0, name
+  assert ablations['batch_bytes']['float32'] == 4 * ablations['batch_bytes']['uint8']
+  assert 'jax img/s' in stdout
+
+
+def test_conv_grads_smoke_run_checks_and_times_every_layer(tmp_path):
+  report, _ = run_benchmark('conv_grads', tmp_path)
+  layers = [r['layer'] for r in report['results']]
+  # Net A: 8 convolutions, 5 pools.
+  assert sum(name.startswith('conv') for name in layers) == 8
+  assert sum(name.startswith('pool') for name in layers) == 5
+  assert all(r['xla_s'] > 0 and r['vgg_jax_s'] > 0 for r in report['results'])
+
+
+def test_input_pipeline_smoke_run_compares_decode_crop_and_pil_per_core(tmp_path):
+  report, stdout = run_benchmark('input_pipeline', tmp_path)
+  assert {r['scale'] for r in report['results']} == {'S=256', 'S=256-512'}
+  for r in report['results']:
+    assert r['tf_whole_per_core'] > 0 and r['tf_decode_crop_per_core'] > 0
+    assert r['pil_per_core'] > 0
+  assert 'decode_crop/PIL' in stdout
