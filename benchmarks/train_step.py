@@ -168,10 +168,9 @@ def prepare_jax(variant: str, dtype: str, s: dict, weight_grad: str = 'auto'):
   devices = jax.local_device_count()
   state = steps.create_train_state(config, jax.random.key(0), s['image_size'])
   images, labels = synthetic_batch(devices * s['batch'], s['image_size'], s['num_classes'])
-  mesh = jax.sharding.Mesh(np.asarray(jax.local_devices()), ('devices',))
-  sharding = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec('devices'))
   batch = jax.device_put({'image': images.reshape(devices, s['batch'], *images.shape[1:]),
-                          'label': labels.reshape(devices, s['batch'])}, sharding)
+                          'label': labels.reshape(devices, s['batch'])},
+                         steps.batch_sharding())
   rng = jax.random.key(1)
   p_train_step = steps.pmap_train_step(config)
   memory = None
@@ -211,15 +210,13 @@ def loop_rate(config: Config, s: dict, *, donate: bool = True, pull_every: int =
 
   pull_every=0 pulls the metrics to the host after every step (a host sync per step);
   otherwise every `pull_every` steps. prefetch=False puts each batch on the devices just
-  before its step instead of `input_pipeline.prefetch_to_device`'s two ahead. A float32
+  before its step instead of `steps.prefetch_to_device`'s two ahead. A float32
   input_dtype sends the batch as float32 (4x the bytes), cast back to uint8 values.
   """
   devices = jax.local_device_count()
   config = Config(config, grad_accum_steps=1)
   state = steps.create_train_state(config, jax.random.key(0), s['image_size'])
   p_train_step = steps.pmap_train_step(config, donate=donate)
-  mesh = jax.sharding.Mesh(np.asarray(jax.local_devices()), ('devices',))
-  sharding = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec('devices'))
   host_batches = []
   for seed in range(4):
     images, labels = synthetic_batch(devices * s['batch'], s['image_size'], s['num_classes'],
@@ -232,16 +229,8 @@ def loop_rate(config: Config, s: dict, *, donate: bool = True, pull_every: int =
     for i in range(num_steps):
       yield host_batches[i % len(host_batches)]
 
-  def prefetch_to_device(iterator, size=2):  # input_pipeline's, which imports tensorflow.
-    queue = []
-    for batch in iterator:
-      queue.append(jax.device_put(batch, sharding))
-      if len(queue) > size:
-        yield queue.pop(0)
-    yield from queue
-
-  stream = prefetch_to_device(batches()) if prefetch else (
-      jax.device_put(b, sharding) for b in batches())
+  stream = steps.prefetch_to_device(batches()) if prefetch else (
+      jax.device_put(b, steps.batch_sharding()) for b in batches())
   rng, pending, start = jax.random.key(1), [], None
   for i, batch in enumerate(stream):
     if input_dtype != np.uint8:

@@ -22,6 +22,7 @@ import tensorflow_datasets as tfds
 from vgg_jax import config_validation
 from vgg_jax import input_pipeline
 from vgg_jax import preprocess
+from vgg_jax import steps
 
 NUM_DEVICES = 8
 IMAGE_SIZE = 224
@@ -584,7 +585,7 @@ def test_prefetch_to_device_yields_every_batch_in_order_split_over_the_devices(s
       yield batch
 
   out = []
-  for batch in input_pipeline.prefetch_to_device(source(), size=size):
+  for batch in steps.prefetch_to_device(source(), size=size):
     if not out:  # Read ahead by `size` batches, no more, when the first is handed out.
       assert len(pulled) == min(size + 1, len(batches))
     out.append(batch)
@@ -606,7 +607,7 @@ def test_prefetch_to_device_yields_every_batch_in_order_split_over_the_devices(s
 
 
 def test_prefetch_to_device_of_nothing_yields_nothing():
-  assert not list(input_pipeline.prefetch_to_device(iter([]), size=2))
+  assert not list(steps.prefetch_to_device(iter([]), size=2))
 
 
 # ---------------------------------------------------------------------------------------------

@@ -386,21 +386,5 @@ def test_batch_iterator(builder, config, method: str, scale: int,
   return as_numpy(test_batches(builder, config, method, scale, split))
 
 
-def prefetch_to_device(batches: Iterator, size: int = 2) -> Iterator:
-  """Starts copying the next `size` batches to the local devices while the current one runs.
-
-  Arrays are placed as `jax.pmap` expects its mapped inputs: leading axis split over the local
-  devices.
-  """
-  mesh = jax.sharding.Mesh(np.asarray(jax.local_devices()), ('devices',))
-  sharding = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec('devices'))
-  queue = []
-  for batch in batches:
-    queue.append(jax.device_put(batch, sharding))
-    if len(queue) > size:
-      yield queue.pop(0)
-  yield from queue
-
-
 def as_numpy(ds: tf.data.Dataset) -> Iterator:
   return iter(tfds.as_numpy(ds))

@@ -322,9 +322,6 @@ class VGG(nn.Module):
     layer = dict(dtype=self.dtype, param_dtype=jnp.float32,
                  kernel_init=kernel_init(self.init_scheme, self.init_std),
                  bias_init=nn.initializers.zeros)
-    if self.weight_grad not in WEIGHT_GRADS:
-      raise ValueError(f'weight_grad={self.weight_grad!r}: expected one of '
-                       f'{", ".join(WEIGHT_GRADS)}.')
     if sizes is not None and not dense:
       raise ValueError('sizes (valid image extents) are for dense evaluation of padded images.')
     x = _keep_valid(x.astype(self.dtype), sizes)

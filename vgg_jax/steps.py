@@ -8,7 +8,7 @@ accelerator images that lack it.
 """
 
 import functools
-from typing import Any, Callable
+from typing import Any, Callable, Iterator
 
 import jax
 import jax.numpy as jnp
@@ -39,6 +39,24 @@ def replicated_sharding() -> jax.sharding.NamedSharding:
   """How the pmapped steps hold the state: one full copy on every local device."""
   mesh = jax.sharding.Mesh(np.asarray(jax.local_devices()), (AXIS,))
   return jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())
+
+
+def batch_sharding() -> jax.sharding.NamedSharding:
+  """How the pmapped steps take a batch: leading axis split over the local devices."""
+  mesh = jax.sharding.Mesh(np.asarray(jax.local_devices()), (AXIS,))
+  return jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec(AXIS))
+
+
+def prefetch_to_device(batches: Iterator, size: int = 2) -> Iterator:
+  """Starts copying the next `size` batches to the local devices (`batch_sharding`) while the
+  current one runs."""
+  sharding = batch_sharding()
+  queue = []
+  for batch in batches:
+    queue.append(jax.device_put(batch, sharding))
+    if len(queue) > size:
+      yield queue.pop(0)
+  yield from queue
 
 
 def create_model(config) -> models.VGG:

@@ -113,7 +113,7 @@ def evaluate(p_eval_step, state, builder, config) -> dict:
   """Loss and top-1/top-5 error over every example of the eval split (exact counts)."""
   ds, _ = input_pipeline.eval_dataset(builder, config)
   totals = None
-  for batch in input_pipeline.prefetch_to_device(input_pipeline.as_numpy(ds)):
+  for batch in steps.prefetch_to_device(input_pipeline.as_numpy(ds)):
     sums = p_eval_step(state, batch)
     totals = sums if totals is None else jax.tree.map(lambda a, b: a + b, totals, sums)
   totals = jax.device_get(totals)
@@ -211,7 +211,7 @@ def train_and_evaluate(config, workdir: str) -> dict:
     writer.write_hparams({k: str(v) for k, v in config.to_dict().items()})
   p_train_step = steps.pmap_train_step(config)
   p_eval_step = steps.pmap_eval_step(config)
-  batches = input_pipeline.prefetch_to_device(
+  batches = steps.prefetch_to_device(
       input_pipeline.as_numpy(input_pipeline.train_dataset(builder, config, start_step)))
   progress = Progress(num_steps, config.batch_size)
   preemption = Preemption()
