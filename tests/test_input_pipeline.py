@@ -646,7 +646,8 @@ def test_decode_crop_gives_the_pixels_of_rescaling_the_whole_jpeg_then_cropping(
     photos, name, smallest_side):
   encoded = jpeg(photos[name])
   rescaled = input_pipeline.rescale(input_pipeline.decode(encoded), smallest_side).numpy()
-  for seed in fresh_tf_seeds(4):
+  differences = []
+  for seed in fresh_tf_seeds(8):
     fast = input_pipeline.decode_crop_jpeg(encoded, smallest_side, IMAGE_SIZE,
                                            tf.constant(seed)).numpy()
     offset, _, _ = input_pipeline.jpeg_crop_window(
@@ -654,11 +655,13 @@ def test_decode_crop_gives_the_pixels_of_rescaling_the_whole_jpeg_then_cropping(
         tf.constant(seed))
     top, left = offset.numpy()
     reference = rescaled[top:top + IMAGE_SIZE, left:left + IMAGE_SIZE]
-    difference = np.abs(fast - reference)
-    # The window's edges round to whole pixels of the original (up to a third of an output
-    # pixel's shift) and mild shrinking skips antialiasing: a few grey levels on average.
-    assert difference.mean() < 6.0, (name, difference.mean())
+    differences.append(np.abs(fast - reference).mean())
+    # The window's edges round to whole pixels of the original (up to half a source pixel's
+    # shift) and mild shrinking skips antialiasing: the same picture, a few grey levels off,
+    # more where the rounding is worst on a textured photo (up to ~7 measured over 60 crops).
+    assert differences[-1] < 10.0, (name, differences[-1])
     assert np.corrcoef(fast.ravel(), reference.ravel())[0, 1] > 0.97
+  assert np.mean(differences) < 4.0, (name, differences)
 
 
 def test_decode_crop_leaves_non_jpeg_images_on_the_whole_image_path(photos):
