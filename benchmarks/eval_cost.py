@@ -30,6 +30,7 @@ import numpy as np
 
 from vgg_jax import evaluation
 from vgg_jax import models
+from vgg_jax import preprocess
 from vgg_jax import steps
 
 FLAGS = flags.FLAGS
@@ -101,7 +102,7 @@ def main(argv):
                                  dropout_rate=0.5, dtype=s['dtype'], width=s['width'],
                                  init='paper', init_std=0.01)
   model = steps.create_model(config)
-  mean_rgb = (123.68, 116.779, 103.939)  # experiments/default.py's; it does not change the cost.
+  normalization = preprocess.Normalization()  # The paper's; it does not change the cost.
   device = jax.devices()[0]
 
   dummy = jnp.zeros((1, s['image_size'], s['image_size'], 3), jnp.float32)
@@ -123,9 +124,9 @@ def main(argv):
                     for left in evaluation.crop_offsets(long, size)], axis=1)
 
   dense = lambda p, x, hw: evaluation.dense_posteriors(p, x, hw, model=model,
-                                                        mean_rgb=mean_rgb)
+                                                        normalization=normalization)
   multicrop = lambda p, x: evaluation.multicrop_posteriors(p, x, model=model,
-                                                           mean_rgb=mean_rgb)
+                                                           normalization=normalization)
   methods = {
       evaluation.DENSE: (dense, (params, *jax.device_put((images, sizes), device)), 2),
       evaluation.MULTICROP: (multicrop, (params, jax.device_put(crops, device)),

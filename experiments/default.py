@@ -62,6 +62,11 @@ def get_config(arg: Optional[str] = None) -> ml_collections.ConfigDict:
   config.decode_crop = True
   config.color_shift_std = 0.1  # AlexNet PCA colour shift, alpha ~ N(0, std^2); 0 disables.
   config.mean_rgb = (123.68, 116.779, 103.939)  # ILSVRC-2012 training-set mean, 0-255.
+  # The net sees (pixel - mean_rgb) / std_rgb, 0-255 units in RGB order, with its channels in
+  # channel_order. The paper: the mean only, RGB. Imported weights record their own
+  # (torchvision: std 255 * (0.229, 0.224, 0.225); Caffe and Keras: BGR); see vgg_jax.convert.
+  config.std_rgb = (1.0, 1.0, 1.0)
+  config.channel_order = 'RGB'
   config.shuffle_buffer_size = 16_384
   config.cache = False  # Keep encoded examples in memory (small datasets).
   config.strict_data = False  # folder: datasets: a bad file fails preparation, else fixed/skipped.

@@ -24,6 +24,7 @@ from vgg_jax import config_validation
 from vgg_jax import evaluation
 from vgg_jax import input_pipeline
 from vgg_jax import models
+from vgg_jax import preprocess
 from vgg_jax import report
 from tests.test_train import REPO, run_main
 
@@ -163,7 +164,8 @@ def test_dense_posterior_averages_softmax_of_image_and_flip_over_valid_locations
   sizes = [(64, 100), (96, 64), (70, 70), (128, 128)]
   batch = rng.integers(0, 256, (len(sizes), 128, 128, 3), dtype=np.uint8)  # Garbage padding.
   probs = evaluation.dense_posteriors(params, jnp.asarray(batch), jnp.asarray(sizes),
-                                      model=model, mean_rgb=mean, flip=flip)
+                                      model=model,
+                                      normalization=preprocess.Normalization(mean), flip=flip)
   for i, (h, w) in enumerate(sizes):
     image = batch[i, :h, :w].astype(np.float32) - np.asarray(mean, np.float32)
     views = (image, image[:, ::-1]) if flip else (image,)
@@ -181,7 +183,8 @@ def test_multicrop_posterior_averages_softmax_of_25_crops_and_their_flips(flip):
   mean = (123.68, 116.779, 103.939)
   crops = rng.integers(0, 256, (2, 25, TRAIN_SIZE, TRAIN_SIZE, 3), dtype=np.uint8)
   probs = evaluation.multicrop_posteriors(params, jnp.asarray(crops), model=model,
-                                          mean_rgb=mean, flip=flip)
+                                          normalization=preprocess.Normalization(mean),
+                                          flip=flip)
   for i in range(2):
     views = crops[i].astype(np.float32) - np.asarray(mean, np.float32)
     if flip:
@@ -251,7 +254,8 @@ def test_dense_compiles_once_per_shape_bucket_not_per_image(photos_config):
   model, params = tiny_net()
   model = model.clone(num_classes=3)
   params = model.init(jax.random.key(1), jnp.zeros((1, 64, 64, 3)))['params']
-  step = evaluation.pmap_posteriors(evaluation.DENSE, model, tuple(config.mean_rgb))
+  step = evaluation.pmap_posteriors(evaluation.DENSE, model,
+                                    preprocess.Normalization.from_config(config))
   bound = evaluation.dense_shapes_bound(64, config)
   assert bound == 5  # 64x64, 64x96, 96x64, 64x128, 128x64.
   with count_compilations() as compiles:
@@ -294,7 +298,7 @@ def test_every_example_is_scored_once_when_the_split_is_not_a_multiple_of_the_ba
   config.dense_batch_size = config.multicrop_batch_size = batch  # 360 = 7 x 48 + 24 = 22 x 16 + 8
   model = models.VGG('A', num_classes=10, width=1 / 16, init_scheme='glorot')
   params = model.init(jax.random.key(3), jnp.zeros((1, 32, 32, 3)))['params']
-  step = evaluation.pmap_posteriors(method, model, tuple(config.mean_rgb))
+  step = evaluation.pmap_posteriors(method, model, preprocess.Normalization.from_config(config))
   post = evaluation.posteriors(step, params, input_pipeline.test_batch_iterator(
       input_pipeline.get_builder(config), config, method, 34))
   np.testing.assert_array_equal(post.labels, split_labels(config))

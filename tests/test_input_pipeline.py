@@ -27,6 +27,7 @@ from vgg_jax import steps
 NUM_DEVICES = 8
 IMAGE_SIZE = 224
 MEAN_RGB = np.array([123.68, 116.779, 103.939])
+NORMALIZATION = preprocess.Normalization(tuple(MEAN_RGB))
 # AlexNet's PCA of ILSVRC RGB pixels in [0, 1] (Krizhevsky et al. 2012, Sec. 4.1), written out.
 PAPER_EIGVAL = np.array([0.2175, 0.0188, 0.0045])
 PAPER_EIGVEC = np.array([[-0.5675, 0.7192, 0.4009],
@@ -329,7 +330,7 @@ def photo_crops(photos) -> np.ndarray:
 
 def test_train_images_add_one_colour_shift_per_image_to_every_pixel(photo_crops):
   out = np.asarray(preprocess.train_images(jnp.asarray(photo_crops), jax.random.key(fresh_seed()),
-                                           MEAN_RGB, 0.1), np.float64)
+                                           NORMALIZATION, 0.1), np.float64)
   assert out.shape == photo_crops.shape
   shift = out - (photo_crops.astype(np.float64) - MEAN_RGB)
   per_image = shift[:, :1, :1, :]
@@ -341,18 +342,18 @@ def test_train_images_add_one_colour_shift_per_image_to_every_pixel(photo_crops)
   assert np.all(np.linalg.norm(per_image, axis=-1) < 255 * 0.1 * 6 * PAPER_EIGVAL[0])
   # And with std 0, nothing but the mean is subtracted.
   plain = preprocess.train_images(jnp.asarray(photo_crops), jax.random.key(fresh_seed()),
-                                  MEAN_RGB, 0.0)
+                                  NORMALIZATION, 0.0)
   np.testing.assert_allclose(np.asarray(plain), photo_crops - MEAN_RGB, atol=1e-4)
 
 
 def test_normalize_subtracts_the_mean_rgb_in_the_requested_dtype(photo_crops):
-  out = preprocess.normalize(jnp.asarray(photo_crops), MEAN_RGB)
+  out = preprocess.normalize(jnp.asarray(photo_crops), NORMALIZATION)
   assert out.dtype == jnp.float32 and out.shape == photo_crops.shape
   expected = photo_crops.astype(np.float64) - MEAN_RGB
   np.testing.assert_allclose(np.asarray(out), expected, atol=1e-4)
   np.testing.assert_allclose(np.asarray(out, np.float64).mean(axis=(0, 1, 2)),
                              photo_crops.mean(axis=(0, 1, 2)) - MEAN_RGB, atol=1e-3)
-  half = preprocess.normalize(jnp.asarray(photo_crops), MEAN_RGB, dtype=jnp.bfloat16)
+  half = preprocess.normalize(jnp.asarray(photo_crops), NORMALIZATION, dtype=jnp.bfloat16)
   assert half.dtype == jnp.bfloat16
   # bfloat16 keeps 8 significant bits: the exact difference rounded to a relative 2^-8.
   np.testing.assert_allclose(np.asarray(half, np.float64), expected,
@@ -671,3 +672,16 @@ def test_decode_crop_leaves_non_jpeg_images_on_the_whole_image_path(photos):
     np.testing.assert_array_equal(
         input_pipeline.train_transform(encoded, tf.constant(seed), decode_crop=True, **kwargs),
         input_pipeline.train_transform(encoded, tf.constant(seed), decode_crop=False, **kwargs))
+
+
+def test_normalization_divides_by_std_and_reorders_channels_as_imported_weights_expect(
+    photo_crops):
+  """torchvision's ((x / 255) - mean) / std on [0, 1] pixels, and Caffe's BGR minus BGR mean."""
+  mean01, std01 = np.array([0.485, 0.456, 0.406]), np.array([0.229, 0.224, 0.225])
+  torch_like = preprocess.Normalization(tuple(255 * mean01), tuple(255 * std01))
+  expected = (photo_crops / 255.0 - mean01) / std01
+  np.testing.assert_allclose(np.asarray(torch_like(jnp.asarray(photo_crops))), expected,
+                             atol=1e-5)
+  caffe_like = preprocess.Normalization(tuple(MEAN_RGB), channel_order='BGR')
+  bgr = photo_crops[..., ::-1].astype(np.float64) - MEAN_RGB[::-1]
+  np.testing.assert_allclose(np.asarray(caffe_like(jnp.asarray(photo_crops))), bgr, atol=1e-4)

@@ -181,7 +181,7 @@ def load_config(workdir: str, step: Optional[int] = None) -> ml_collections.Conf
   saved = restore_config(manager, step)
   if isinstance(saved.get('train_scale'), list):
     saved['train_scale'] = tuple(saved['train_scale'])
-  for field in ('mean_rgb', 'test_scales'):
+  for field in ('mean_rgb', 'std_rgb', 'test_scales'):
     if isinstance(saved.get(field), list):
       saved[field] = tuple(saved[field])
   return ml_collections.ConfigDict(saved)

@@ -1,6 +1,7 @@
 """Checks a config before anything is read or compiled; each error names the field and value."""
 
 from vgg_jax import models
+from vgg_jax import preprocess
 
 DTYPE_NAMES = ('float32', 'bfloat16', 'float16')
 INITS = ('paper', 'glorot')
@@ -58,6 +59,14 @@ def validate(config, num_devices: int) -> None:
     _fail('width', config.width, 'must be positive (1.0 is the paper\'s net).')
   if not 0 <= config.dropout_rate < 1:
     _fail('dropout_rate', config.dropout_rate, 'must be in [0, 1).')
+  for field in ('mean_rgb', 'std_rgb'):
+    values = config.get(field, (0.0, 0.0, 0.0) if field == 'mean_rgb' else (1.0, 1.0, 1.0))
+    if len(values) != 3 or (field == 'std_rgb' and not all(v > 0 for v in values)):
+      _fail(field, values, 'expected three values (R, G, B) in 0-255 units'
+            + (', each positive.' if field == 'std_rgb' else '.'))
+  if config.get('channel_order', 'RGB') not in preprocess.CHANNEL_ORDERS:
+    _fail('channel_order', config.channel_order,
+          f'expected one of {", ".join(preprocess.CHANNEL_ORDERS)}.')
   smin, _ = scale_bounds(config.train_scale)
   size = config.image_size
   if size <= 0 or size % models.DOWNSAMPLING:

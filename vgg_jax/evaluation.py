@@ -107,7 +107,7 @@ def _flip_valid(images: jax.Array, widths: jax.Array) -> jax.Array:
 
 
 def dense_posteriors(params, images: jax.Array, sizes: jax.Array, *, model: models.VGG,
-                     mean_rgb, flip: bool = True) -> jax.Array:
+                     normalization: preprocess.Normalization, flip: bool = True) -> jax.Array:
   """Sec. 3.2 dense evaluation of a batch of padded images: (B, H, W, 3) uint8 whose valid
   part is sizes[i] = (height, width) -> (B, num_classes) soft-max posteriors.
 
@@ -115,7 +115,7 @@ def dense_posteriors(params, images: jax.Array, sizes: jax.Array, *, model: mode
   scores exactly as it would alone; the score map is averaged over the locations whose
   window lies inside the image.
   """
-  x = preprocess.normalize(images, mean_rgb, model.dtype)
+  x = preprocess.normalize(images, normalization, model.dtype)
   views = 2 if flip else 1
   if flip:
     x = jnp.concatenate([x, _flip_valid(x, sizes[:, 1])])
@@ -132,12 +132,12 @@ def dense_posteriors(params, images: jax.Array, sizes: jax.Array, *, model: mode
   return jax.nn.softmax(mean_scores).reshape(views, images.shape[0], -1).mean(axis=0)
 
 
-def multicrop_posteriors(params, crops: jax.Array, *, model: models.VGG, mean_rgb,
-                         flip: bool = True) -> jax.Array:
+def multicrop_posteriors(params, crops: jax.Array, *, model: models.VGG,
+                         normalization: preprocess.Normalization, flip: bool = True) -> jax.Array:
   """Sec. 3.2 multi-crop evaluation: (B, 25, s, s, 3) uint8 crops -> (B, num_classes), the
   mean soft-max over the 25 crops and their 25 flips."""
   batch, num_crops = crops.shape[:2]
-  x = preprocess.normalize(crops.reshape(-1, *crops.shape[2:]), mean_rgb, model.dtype)
+  x = preprocess.normalize(crops.reshape(-1, *crops.shape[2:]), normalization, model.dtype)
   views = 2 if flip else 1
   if flip:
     x = jnp.concatenate([x, x[:, :, ::-1]])
@@ -145,14 +145,14 @@ def multicrop_posteriors(params, crops: jax.Array, *, model: models.VGG, mean_rg
   return probs.reshape(views, batch, num_crops, -1).mean(axis=(0, 2))
 
 
-def pmap_posteriors(method: str, model: models.VGG, mean_rgb, flip: bool = True) -> Callable:
+def pmap_posteriors(method: str, model: models.VGG, normalization: preprocess.Normalization,
+                    flip: bool = True) -> Callable:
   """The `method` step mapped over this process's devices (no collective: see module doc)."""
+  kwargs = dict(model=model, normalization=normalization, flip=flip)
   if method == DENSE:
-    fn = lambda params, batch: dense_posteriors(params, batch['image'], batch['size'],
-                                                model=model, mean_rgb=mean_rgb, flip=flip)
+    fn = lambda params, batch: dense_posteriors(params, batch['image'], batch['size'], **kwargs)
   else:
-    fn = lambda params, batch: multicrop_posteriors(params, batch['crops'], model=model,
-                                                    mean_rgb=mean_rgb, flip=flip)
+    fn = lambda params, batch: multicrop_posteriors(params, batch['crops'], **kwargs)
   return jax.pmap(fn, in_axes=(None, 0), devices=jax.local_devices())
 
 
@@ -273,7 +273,7 @@ def run(params, config, protocols: Sequence[str], batches: Callable[[str, int], 
   computed = {}
   for method, q in dict.fromkeys(p for ps in passes.values() for p in ps):
     if method not in steps_by_method:
-      steps_by_method[method] = pmap_posteriors(method, model, tuple(config.mean_rgb),
+      steps_by_method[method] = pmap_posteriors(method, model, preprocess.Normalization.from_config(config),
                                                 flip=config.test_flip)
     computed[method, q] = posteriors(steps_by_method[method], params, batches(method, q),
                                      f'{method} Q={q}', num_examples)

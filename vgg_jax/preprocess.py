@@ -1,8 +1,11 @@
-"""The on-device half of the paper's input transform (Sec. 3.1): colour shift, mean subtraction.
+"""The on-device half of the paper's input transform (Sec. 3.1): colour shift, normalisation.
 
 Batches cross to the accelerator as uint8 (4x fewer bytes than float32); the geometric part
 (rescale to S, crop, flip) runs on the host in `input_pipeline`, the arithmetic here.
 """
+
+import dataclasses
+from typing import Optional
 
 import jax
 import jax.numpy as jnp
@@ -13,6 +16,42 @@ PCA_EIGVAL = np.array([0.2175, 0.0188, 0.0045], np.float32)
 PCA_EIGVEC = np.array([[-0.5675, 0.7192, 0.4009],
                        [-0.5808, -0.0045, -0.8140],
                        [-0.5836, -0.6948, 0.4203]], np.float32)
+CHANNEL_ORDERS = ('RGB', 'BGR')
+
+
+@dataclasses.dataclass(frozen=True)
+class Normalization:
+  """What a net's first layer was trained to see: (pixel - mean) / std, in `channel_order`.
+
+  The paper subtracts the training-set mean RGB and nothing else (Sec. 2.1), from 0-255
+  pixels. Imported weights may expect more: torchvision's divide [0, 1] pixels by a per-channel
+  std, Caffe's and Keras' read BGR. All are this one map from uint8 RGB images, with `mean_rgb`
+  and `std_rgb` in 0-255 units and RGB order (torchvision's mean 0.485 is 123.675 here).
+  """
+  mean_rgb: tuple[float, float, float] = (123.68, 116.779, 103.939)
+  std_rgb: tuple[float, float, float] = (1.0, 1.0, 1.0)
+  channel_order: str = 'RGB'
+
+  @classmethod
+  def from_config(cls, config) -> 'Normalization':
+    """From config.mean_rgb, std_rgb and channel_order (the last two default for configs that
+    predate them)."""
+    return cls(tuple(float(m) for m in config.mean_rgb),
+               tuple(float(s) for s in getattr(config, 'std_rgb', (1.0, 1.0, 1.0))),
+               getattr(config, 'channel_order', 'RGB'))
+
+  def __call__(self, images: jax.Array, dtype=jnp.float32,
+               shift: Optional[jax.Array] = None) -> jax.Array:
+    """uint8 (or 0-255 float) RGB NHWC images -> the net's input in `dtype`; `shift` (N, 3),
+    in 0-255 units, is added to each image before the division by std (the colour shift)."""
+    x = images.astype(jnp.float32) - jnp.asarray(self.mean_rgb, jnp.float32)
+    if shift is not None:
+      x = x + shift[:, None, None, :]
+    if self.std_rgb != (1.0, 1.0, 1.0):
+      x = x / jnp.asarray(self.std_rgb, jnp.float32)
+    if self.channel_order == 'BGR':
+      x = x[..., ::-1]
+    return x.astype(dtype)
 
 
 def color_shift(rng: jax.Array, batch_size: int, std: float) -> jax.Array:
@@ -25,14 +64,13 @@ def color_shift(rng: jax.Array, batch_size: int, std: float) -> jax.Array:
   return 255.0 * (alpha * PCA_EIGVAL) @ PCA_EIGVEC.T
 
 
-def normalize(images: jax.Array, mean_rgb, dtype=jnp.float32) -> jax.Array:
-  """uint8 NHWC -> `dtype`, minus the training-set mean RGB (Sec. 2.1's only pre-processing)."""
-  return (images.astype(jnp.float32) - jnp.asarray(mean_rgb, jnp.float32)).astype(dtype)
+def normalize(images: jax.Array, normalization: Normalization,
+              dtype=jnp.float32) -> jax.Array:
+  """uint8 NHWC -> `dtype`, normalised as the net expects (Sec. 2.1: minus the mean RGB)."""
+  return normalization(images, dtype)
 
 
-def train_images(images: jax.Array, rng: jax.Array, mean_rgb, color_shift_std: float,
-                 dtype=jnp.float32) -> jax.Array:
-  """Training images: mean subtraction plus a random colour shift per image."""
-  shift = color_shift(rng, images.shape[0], color_shift_std)
-  mean = jnp.asarray(mean_rgb, jnp.float32)
-  return (images.astype(jnp.float32) - mean + shift[:, None, None, :]).astype(dtype)
+def train_images(images: jax.Array, rng: jax.Array, normalization: Normalization,
+                 color_shift_std: float, dtype=jnp.float32) -> jax.Array:
+  """Training images: a random colour shift per image, then the normalisation."""
+  return normalization(images, dtype, shift=color_shift(rng, images.shape[0], color_shift_std))

@@ -160,7 +160,8 @@ def train_step(state: TrainState, batch: dict[str, jax.Array], rng: jax.Array, *
   and dropout differ per image, device and step.
   """
   color_rng, dropout_rng = device_rngs(rng, state.step)
-  images = preprocess.train_images(batch['image'], color_rng, config.mean_rgb,
+  images = preprocess.train_images(batch['image'], color_rng,
+                                   preprocess.Normalization.from_config(config),
                                    config.color_shift_std, DTYPES[config.dtype])
 
   def loss_fn(params, images, labels, dropout_rng):
@@ -216,7 +217,8 @@ def eval_step(state: TrainState, batch: dict[str, jax.Array], *,
               config) -> dict[str, jax.Array]:
   """Sums of loss, top-1 and top-5 errors and example counts over the unmasked examples of
   all devices: exact totals, whatever the padding."""
-  images = preprocess.normalize(batch['image'], config.mean_rgb, DTYPES[config.dtype])
+  images = preprocess.normalize(batch['image'], preprocess.Normalization.from_config(config),
+                                DTYPES[config.dtype])
   logits = state.apply_fn({'params': state.params}, images, train=False)
   metrics = classification_metrics(logits, batch['label'])
   mask = batch['mask'].astype(jnp.float32)
