@@ -10,8 +10,11 @@ process killed at any moment leaves the previous checkpoints whole; a partial on
 restored, and is removed when the next run starts.
 """
 
+import dataclasses
+import importlib.util
+import json
 import os
-from typing import Optional
+from typing import Optional, Sequence
 
 from absl import logging
 from etils import epath
@@ -23,10 +26,19 @@ import numpy as np
 import orbax.checkpoint as ocp
 
 from vgg_jax import config_validation
+from vgg_jax import preprocess
 from vgg_jax import steps
 
 # Config fields that fix the parameter shapes: a checkpoint only fits a net that agrees on all.
 SHAPE_FIELDS = ('variant', 'width', 'num_classes', 'image_size')
+# Fields that fix the optimiser state's structure: a run resumes only with the same values.
+OPTIMIZER_FIELDS = ('frozen_layers',)
+# Beside the checkpoints: the class names, in label order; and, in a directory of imported
+# weights (vgg_jax.convert), where they came from.
+CLASS_NAMES = 'classes.json'
+SOURCE_RECORD = 'source.json'
+DEFAULT_CONFIG = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))),
+                              'experiments', 'default.py')
 
 
 class CheckpointWriteError(RuntimeError):
@@ -122,24 +134,30 @@ def check_resume(workdir: str, config) -> bool:
   when that checkpoint's net has other parameter shapes than `config`'s."""
   if not epath.Path(checkpoint_dir(workdir)).is_dir():
     return False
+  if (epath.Path(workdir) / SOURCE_RECORD).exists():
+    raise config_validation.ConfigError(
+        f'--workdir={workdir!r} holds imported weights (vgg_jax.convert), not a training run; '
+        f'train in a new workdir with --config.init_from={workdir}.')
   manager = ocp.CheckpointManager(checkpoint_dir(workdir), item_names=('state', 'config'))
   step = manager.latest_step()
   if step is None:
     return False
   saved = restore_config(manager, step)
-  for field in SHAPE_FIELDS:
-    if saved.get(field) != config[field]:
+  for field in SHAPE_FIELDS + OPTIMIZER_FIELDS:
+    if saved.get(field, config.get(field)) != config.get(field):
       raise config_validation.ConfigError(
           f'config.{field}={config[field]!r}: {checkpoint_dir(workdir)} holds a checkpoint '
-          f'(step {step}) of a net with {field}={saved.get(field)!r}, whose parameters do not '
-          f'fit. Resume with {field}={saved.get(field)!r}, or start in a new workdir (with '
+          f'(step {step}) of a net with {field}={saved.get(field)!r}, whose '
+          f'{"parameters" if field in SHAPE_FIELDS else "optimiser state"} does not fit. '
+          f'Resume with {field}={saved.get(field)!r}, or start in a new workdir (with '
           'config.init_from to reuse the weights).')
   return True
 
 
 def check_init_from(config) -> None:
   """A ConfigError, before anything is built, unless config.init_from holds a checkpoint that
-  can seed this net: net A (or A-LRN) for init_mode 'net_a', this very net for 'all'."""
+  can seed this net: net A (or A-LRN) for init_mode 'net_a', this very net for 'all', this net
+  with any number of classes for 'finetune'."""
   source_dir, mode = config.init_from, config.init_mode
   field = f'config.init_from={source_dir!r}'
   try:
@@ -150,12 +168,36 @@ def check_init_from(config) -> None:
   if mode == 'net_a' and source.variant not in ('A', 'A-LRN'):
     raise config_validation.ConfigError(
         f'{field}: holds net {source.variant}, but init_mode=net_a seeds from net A (Sec. 3.1); '
-        'point init_from at a net-A run, or use init_mode=all to continue the same net.')
-  for name in (('variant',) if mode == 'all' else ()) + ('width', 'num_classes', 'image_size'):
+        'point init_from at a net-A run, or use init_mode=all to continue the same net '
+        '(finetune for other classes).')
+  names = {'net_a': ('width', 'num_classes', 'image_size'),
+           'all': ('variant', 'width', 'num_classes', 'image_size'),
+           'finetune': ('variant', 'width', 'image_size')}[mode]
+  for name in names:
     if source.get(name) != config[name]:
       raise config_validation.ConfigError(
           f'{field}: holds a net with {name}={source.get(name)!r}, this run has '
           f'{name}={config[name]!r}; init_mode={mode} needs them equal.')
+
+
+def with_source_normalization(config):
+  """`config` with the input normalisation of config.init_from's net (mean_rgb, std_rgb,
+  channel_order): its weights were trained on those inputs, whatever this run's defaults say.
+  A copy; `config` itself if there is no init_from or nothing differs."""
+  if not config.get('init_from'):
+    return config
+  try:
+    source = load_config(config.init_from)
+  except FileNotFoundError:
+    return config  # check_init_from says what is wrong.
+  theirs = preprocess.Normalization.from_config(source)
+  if preprocess.Normalization.from_config(config) == theirs:
+    return config
+  logging.info('Input normalisation of %s adopted, as its weights expect: %s.',
+               config.init_from, theirs)
+  config = ml_collections.ConfigDict(config.to_dict())
+  config.update(dataclasses.asdict(theirs))
+  return config
 
 
 def restore_config(manager: ocp.CheckpointManager, step: Optional[int] = None) -> dict:
@@ -226,15 +268,51 @@ def seed_params(params: dict, config) -> dict:
   """`params` with layers copied from the newest checkpoint of config.init_from.
 
   init_mode 'net_a': the NET_A_LAYERS (deeper nets from net A); 'all': every layer, and the
-  source must be the same net (the S = 384 net from S = 256, jittered S from S = 384).
+  source must be the same net (the S = 384 net from S = 256, jittered S from S = 384);
+  'finetune': every layer but fc8, which keeps its fresh initialisation for this run's classes
+  (transfer learning).
   """
   source_dir, mode = config.init_from, config.init_mode
   check_init_from(config)
   source_config = load_config(source_dir)
   source = restore_params(source_dir, source_config)
-  layers = NET_A_LAYERS if mode == 'net_a' else tuple(params)
+  layers = {'net_a': NET_A_LAYERS, 'all': tuple(params),
+            'finetune': tuple(l for l in params if l != 'fc8')}[mode]
   params = transplant(params, source, layers)
   logging.info('Seeded from %s (net %s, step %d): %s copied; %s initialised afresh.',
                source_dir, source_config.variant, latest_step(source_dir), ', '.join(layers),
                ', '.join(l for l in params if l not in layers) or 'nothing')
   return params
+
+
+def default_config() -> ml_collections.ConfigDict:
+  """experiments/default.py's config: every field at the paper's settings."""
+  spec = importlib.util.spec_from_file_location('_vgg_jax_default_config', DEFAULT_CONFIG)
+  module = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(module)
+  return module.get_config()
+
+
+def save_params(workdir: str, params, config) -> None:
+  """A parameters-only checkpoint (step 0) and its config in WORKDIR, as evaluation and
+  init_from read them: imported weights (vgg_jax.convert)."""
+  manager = ocp.CheckpointManager(checkpoint_dir(workdir), item_names=('state', 'config'),
+                                  options=ocp.CheckpointManagerOptions(create=True))
+  manager.save(0, args=ocp.args.Composite(state=ocp.args.StandardSave({'params': params}),
+                                          config=ocp.args.JsonSave(config.to_dict())))
+  manager.wait_until_finished()
+  manager.close()
+
+
+def write_class_names(workdir: str, names: Sequence[str]) -> None:
+  """WORKDIR/classes.json: the class names in label order, for predictions (process 0)."""
+  if jax.process_index() == 0:
+    path = epath.Path(workdir)
+    path.mkdir(parents=True, exist_ok=True)
+    (path / CLASS_NAMES).write_text(json.dumps(list(names), indent=0))
+
+
+def class_names(workdir: str) -> Optional[list[str]]:
+  """The class names of WORKDIR's net in label order; None if it has none recorded."""
+  path = epath.Path(workdir) / CLASS_NAMES
+  return json.loads(path.read_text()) if path.exists() else None

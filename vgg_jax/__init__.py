@@ -1,0 +1,18 @@
+"""vgg_jax: the VGG nets of Simonyan & Zisserman (ICLR 2015) in JAX/Flax.
+
+The notebook API (`load`, `features`, `predict`, `class_names`) is imported on first use, so
+`python -m vgg_jax.<module>` starts no faster or slower for it.
+"""
+
+_API = ('load', 'features', 'predict', 'class_names', 'Preprocess')
+
+
+def __getattr__(name):
+  if name in _API:
+    from vgg_jax import inference  # pylint: disable=g-import-not-at-top
+    return getattr(inference, name)
+  raise AttributeError(f'module vgg_jax has no attribute {name!r}')
+
+
+def __dir__():
+  return sorted(list(globals()) + list(_API))
