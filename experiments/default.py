@@ -37,12 +37,16 @@ def get_config(arg: Optional[str] = None) -> ml_collections.ConfigDict:
   # matmul per kernel tap, 2-5x faster on CPU for large layers) or 'auto' (matmul on CPU for
   # layers whose kernel gradient is >= 2**28 FLOPs). Same values.
   config.weight_grad = 'auto'
-  # Start from another run's newest checkpoint (Sec. 3.1): 'net_a' copies conv1_1, conv2_1,
-  # conv3_1, conv3_2, fc6, fc7, fc8 (deeper nets from net A), 'all' every layer (S = 384 from
-  # S = 256, jittered S from S = 384). The rest is initialised as `init` says; the optimiser
-  # starts afresh.
+  # Start from another run's newest checkpoint, or imported weights (vgg_jax.convert), whose
+  # input normalisation the run then adopts. 'net_a' copies conv1_1, conv2_1, conv3_1,
+  # conv3_2, fc6, fc7, fc8 (deeper nets from net A, Sec. 3.1), 'all' every layer (S = 384 from
+  # S = 256, jittered S from S = 384), 'finetune' every layer but fc8 (a new set of classes).
+  # The rest is initialised as `init` says; the optimiser starts afresh.
   config.init_from = config_dict.placeholder(str)
   config.init_mode = 'net_a'
+  # Layers left as they are (transfer learning): comma-separated name prefixes, e.g. 'conv'
+  # (every convolution), 'conv1,conv2,conv3' (the first three blocks), 'conv,fc6'.
+  config.frozen_layers = ''
 
   # Data.
   config.dataset = 'imagenet2012'  # Any tfds image-classification dataset.

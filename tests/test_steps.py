@@ -10,6 +10,7 @@ import numpy as np
 import pytest
 
 from experiments import digits
+from vgg_jax import config_validation
 from vgg_jax import steps
 
 NUM_DEVICES = 8
@@ -80,6 +81,54 @@ def test_eight_device_step_equals_single_device_sgd_on_the_whole_batch():
     for kind in ('kernel', 'bias'):
       assert relative_error(got[layer][kind], params[layer][kind]) <= 1e-5, (layer, kind)
   assert int(state.step) == 2
+
+
+def test_frozen_layers_stay_put_while_the_rest_takes_the_sgd_step_of_the_full_loss():
+  """config.frozen_layers='conv,fc6': conv and fc6 parameters are bitwise unchanged over two
+  steps; fc7 and fc8 follow hand-written momentum SGD on the full-batch loss, and the gradient
+  norm is theirs alone. The optimiser holds momentum for fc7 and fc8 only."""
+  config = small_config(dropout_rate=0.0, color_shift_std=0.0, frozen_layers='conv,fc6')
+  rng = fresh_rng()
+  state = steps.create_train_state(config, jax.random.key(rng.integers(1 << 30)), 32)
+  model = steps.create_model(config)
+  momentum_sizes = sum(x.size for x in jax.tree.leaves(state.opt_state))
+  trained = ('fc7', 'fc8')
+  params0 = jax.device_get(state.params)
+  assert momentum_sizes == sum(p.size for l in trained for p in params0[l].values())
+  p_train_step = steps.pmap_train_step(config, donate=False)
+  params, velocity = params0, None
+  for batch in [random_batch(rng, 32) for _ in range(2)]:
+    state, metrics = p_train_step(state, device_split(batch), jax.random.key(0))
+
+    def full_batch_loss(p, batch=batch):
+      images = jnp.asarray(batch['image'], jnp.float32) - jnp.asarray(MEAN_RGB)
+      log_probs = jax.nn.log_softmax(model.apply({'params': p}, images).astype(jnp.float64))
+      return -jnp.mean(log_probs[np.arange(len(batch['label'])), batch['label']])
+
+    grads = {l: g for l, g in jax.grad(full_batch_loss)(params).items() if l in trained}
+    norm = np.sqrt(sum(np.sum(np.square(g)) for g in jax.tree.leaves(grads)))
+    assert relative_error(metrics['grad_norm'], norm) <= 1e-5
+    grads = {l: {'kernel': g['kernel'] + config.weight_decay * params[l]['kernel'],
+                 'bias': g['bias']} for l, g in grads.items()}
+    velocity = grads if velocity is None else jax.tree.map(
+        lambda v, g: config.momentum * v + g, velocity, grads)
+    params = {**params, **{l: jax.tree.map(lambda w, v: w - config.learning_rate * v,
+                                           params[l], velocity[l]) for l in trained}}
+  got = jax.device_get(state.params)
+  for layer in got:
+    for kind in ('kernel', 'bias'):
+      if layer in trained:
+        assert relative_error(got[layer][kind], params[layer][kind]) <= 1e-5, (layer, kind)
+        assert not np.array_equal(got[layer][kind], params0[layer][kind])
+      else:
+        np.testing.assert_array_equal(got[layer][kind], params0[layer][kind])
+
+
+def test_frozen_layers_must_name_layers_and_leave_one_to_train():
+  for frozen, message in (('conv9', "'conv9' names no layer of net A"),
+                          ('conv,fc', 'freezes every layer')):
+    with pytest.raises(config_validation.ConfigError, match=message):
+      config_validation.validate(small_config(frozen_layers=frozen), NUM_DEVICES)
 
 
 def test_train_step_compiles_on_the_first_step_only():

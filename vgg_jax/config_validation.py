@@ -5,7 +5,7 @@ from vgg_jax import preprocess
 
 DTYPE_NAMES = ('float32', 'bfloat16', 'float16')
 INITS = ('paper', 'glorot')
-INIT_MODES = ('net_a', 'all')
+INIT_MODES = ('net_a', 'all', 'finetune')
 PROTOCOLS = ('single', 'dense', 'multicrop', 'dense+multicrop')
 
 
@@ -95,6 +95,15 @@ def validate(config, num_devices: int) -> None:
             f'(e.g. {num_devices * max(1, batch // num_devices)}).')
   if config.get('init_mode', 'net_a') not in INIT_MODES:
     _fail('init_mode', config.init_mode, f'expected one of {", ".join(INIT_MODES)}.')
+  frozen = [p.strip() for p in (config.get('frozen_layers') or '').split(',') if p.strip()]
+  layers = models.layer_names(config.variant)
+  for prefix in frozen:
+    if not any(layer.startswith(prefix) for layer in layers):
+      _fail('frozen_layers', config.frozen_layers, f'{prefix!r} names no layer of net '
+            f'{config.variant} ({", ".join(layers)}); give name prefixes, e.g. conv or '
+            'conv1,conv2.')
+  if frozen and all(any(layer.startswith(p) for p in frozen) for layer in layers):
+    _fail('frozen_layers', config.frozen_layers, 'freezes every layer: nothing would train.')
   accum = config.get('grad_accum_steps', 1)
   if isinstance(accum, bool) or not isinstance(accum, int) or accum < 1:
     _fail('grad_accum_steps', accum, 'must be an int >= 1.')

@@ -89,6 +89,11 @@ def num_classes(builder) -> int:
   return builder.info.features[supervised_keys(builder)[1]].num_classes
 
 
+def class_names(builder) -> list[str]:
+  """The dataset's class names in label order (tfds numbers them when it has none)."""
+  return list(builder.info.features[supervised_keys(builder)[1]].names)
+
+
 @dataclasses.dataclass(frozen=True)
 class Sizes:
   """How a global batch maps onto this process and its devices."""

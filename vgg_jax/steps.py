@@ -71,11 +71,43 @@ def _decay_mask(params):
   return jax.tree_util.tree_map_with_path(lambda path, _: path[-1].key != 'bias', params)
 
 
+def frozen_prefixes(config) -> tuple[str, ...]:
+  """config.frozen_layers ('conv', 'conv1,conv2', 'conv,fc6', ...) as layer-name prefixes."""
+  spec = getattr(config, 'frozen_layers', '') or ''
+  return tuple(p.strip() for p in spec.split(',') if p.strip())
+
+
+def is_frozen(layer: str, prefixes: tuple[str, ...]) -> bool:
+  return any(layer.startswith(prefix) for prefix in prefixes)
+
+
+def _layer_labels(params, prefixes):
+  return {layer: jax.tree.map(lambda _: 'frozen' if is_frozen(layer, prefixes) else 'trained',
+                              value) for layer, value in params.items()}
+
+
 def create_optimizer(config) -> optax.GradientTransformation:
-  """SGD with momentum on the L2-regularised objective (Sec. 3.1): w -= lr * (v + wd * w)."""
-  return optax.chain(
+  """SGD with momentum on the L2-regularised objective (Sec. 3.1): w -= lr * (v + wd * w).
+
+  Layers named by config.frozen_layers are left out (optax.multi_transform): they neither
+  move nor decay, and hold no momentum.
+  """
+  sgd = optax.chain(
       optax.add_decayed_weights(config.weight_decay, mask=_decay_mask),
       optax.sgd(config.learning_rate, momentum=config.momentum))
+  prefixes = frozen_prefixes(config)
+  if not prefixes:
+    return sgd
+  return optax.multi_transform({'trained': sgd, 'frozen': optax.set_to_zero()},
+                               functools.partial(_layer_labels, prefixes=prefixes))
+
+
+def without_frozen(grads, config):
+  """Frozen layers' gradients as zeros, so XLA never computes them (nor, below the lowest
+  trained layer, the backward pass), and the gradient norm is that of the trained layers."""
+  prefixes = frozen_prefixes(config)
+  return {layer: jax.tree.map(jnp.zeros_like, g) if is_frozen(layer, prefixes) else g
+          for layer, g in grads.items()}
 
 
 def create_plateau(config) -> optax.GradientTransformationExtraArgs:
@@ -190,6 +222,8 @@ def train_step(state: TrainState, batch: dict[str, jax.Array], rng: jax.Array, *
     grads = jax.tree.map(lambda g: g / accum, grad_sum)
     metrics = jax.tree.map(lambda m: m.reshape(-1), metrics)
   metrics = {name: jnp.mean(value) for name, value in metrics.items()}
+  if frozen_prefixes(config):
+    grads = without_frozen(grads, config)
   if lax.axis_size(AXIS) > 1:  # On one device XLA's all-reduce is a copy of every gradient.
     grads, metrics = lax.pmean((grads, metrics), AXIS)
   metrics['grad_norm'] = optax.global_norm(grads)

@@ -175,6 +175,7 @@ def train_and_evaluate(config, workdir: str) -> dict:
   """Trains `config` in `workdir` (resuming if it holds checkpoints); returns the final
   held-out metrics, also written to WORKDIR/eval_metrics.json. A run stopped by SIGTERM
   returns {'preempted_at_step': step} after checkpointing that step."""
+  config = checkpoints.with_source_normalization(config)
   config_validation.validate(config, jax.device_count())
   resuming = checkpoints.check_resume(workdir, config)
   builder = input_pipeline.get_builder(config)
@@ -186,6 +187,7 @@ def train_and_evaluate(config, workdir: str) -> dict:
   if not resuming and config.get('init_from'):
     checkpoints.check_init_from(config)
   check_workdir(workdir)
+  checkpoints.write_class_names(workdir, input_pipeline.class_names(builder))
   sizes = input_pipeline.train_sizes(builder, config)
   num_steps = (config.num_train_steps if config.num_train_steps > 0
                else int(config.num_epochs * sizes.steps_per_epoch))

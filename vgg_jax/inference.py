@@ -1,0 +1,164 @@
+"""Trained and imported nets in a notebook: load, preprocess, features, predict.
+
+  model, variables, preprocess = vgg_jax.load('workdirs/vgg16')   # a workdir or a convert DIR
+  x = preprocess(photos)                       # uint8 RGB -> the net's input (Q, centre crop)
+  feats = vgg_jax.features(model, variables, x, layers=('conv5_3', 'fc7'))
+  top5 = vgg_jax.predict(model, variables, photo, preprocess,
+                         class_names=vgg_jax.class_names('workdirs/vgg16'))
+
+No tensorflow: images are numpy or jax arrays.
+"""
+
+import dataclasses
+import functools
+from typing import Optional, Sequence, Union
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from vgg_jax import checkpoints
+from vgg_jax import evaluation
+from vgg_jax import models
+from vgg_jax import preprocess as preprocessing
+from vgg_jax import steps
+
+Images = Union[np.ndarray, jax.Array, Sequence[np.ndarray]]
+
+
+@dataclasses.dataclass(frozen=True)
+class Preprocess:
+  """What a net needs done to a photo: rescale to Q, crop, normalise (Sec. 3.2, Sec. 2.1).
+
+  Attributes:
+    normalization: the input normalisation the weights were trained with (imported weights
+      bring their own: torchvision's std, Caffe's BGR).
+    image_size: the training crop; fc6 sees (image_size / 32)^2 conv5 cells.
+    scale: Q, the smallest image side after the isotropic rescale.
+    dtype: the net's compute dtype.
+  """
+  normalization: preprocessing.Normalization
+  image_size: int
+  scale: int
+  dtype: str = 'float32'
+
+  def rescale(self, image) -> np.ndarray:
+    """One (H, W, 3) image rescaled isotropically so its smallest side is Q, uint8
+    (bilinear, antialiased when shrinking, as the input pipeline does)."""
+    image = np.asarray(image)
+    if image.ndim != 3 or image.shape[-1] != 3:
+      raise ValueError(f'Expected an (H, W, 3) RGB image, got shape {image.shape}.')
+    height, width = image.shape[:2]
+    ratio = self.scale / min(height, width)
+    shape = (max(self.scale, round(height * ratio)), max(self.scale, round(width * ratio)), 3)
+    if shape == image.shape:
+      return image.astype(np.uint8)
+    resized = jax.image.resize(jnp.asarray(image, jnp.float32), shape, 'linear', antialias=True)
+    return np.asarray(jnp.clip(jnp.round(resized), 0, 255), np.uint8)
+
+  def crop(self, image: np.ndarray) -> np.ndarray:
+    """The central image_size x image_size crop (single-crop testing, Sec. 3.2)."""
+    top = (image.shape[0] - self.image_size) // 2
+    left = (image.shape[1] - self.image_size) // 2
+    return image[top:top + self.image_size, left:left + self.image_size]
+
+  def __call__(self, images: Images) -> jax.Array:
+    """uint8 RGB images, (N, H, W, 3), one (H, W, 3), or a list of any sizes -> the net's
+    input (N, image_size, image_size, 3): each rescaled to Q, centre-cropped, normalised."""
+    if not isinstance(images, (list, tuple)) and np.ndim(images) == 3:
+      images = [images]
+    batch = np.stack([self.crop(self.rescale(image)) for image in images])
+    return self.normalization(jnp.asarray(batch), steps.DTYPES[self.dtype])
+
+
+def load(path: str, step: Optional[int] = None) -> tuple[models.VGG, dict, Preprocess]:
+  """(model, variables, preprocess) of a training workdir or a `vgg_jax.convert` output: the
+  newest checkpoint (or `step`), the net its config describes, its input normalisation."""
+  config = checkpoints.load_config(path, step)
+  model = steps.create_model(config)
+  params = jax.device_get(checkpoints.restore_params(path, config, step))
+  preprocess = Preprocess(preprocessing.Normalization.from_config(config), config.image_size,
+                          evaluation.single_test_scale(config), config.dtype)
+  return model, {'params': params}, preprocess
+
+
+def class_names(path: str) -> Optional[list[str]]:
+  """The class names of the net in `path` (a workdir or convert output), in label order."""
+  return checkpoints.class_names(path)
+
+
+def _feature_names(variant: str) -> list[str]:
+  convs = [name for name in models.layer_names(variant) if name.startswith('conv')]
+  pools = [f'pool{b}' for b in range(1, len(models.VGG_SPECS[variant]) + 1)]
+  return convs + pools + ['fc6', 'fc7', 'fc8']
+
+
+def features(model: models.VGG, variables: dict, images: jax.Array,
+             layers: Sequence[str] = ('conv5_3', 'fc7'), dense: bool = False) -> dict:
+  """The activations of the named layers for net inputs `images` (see `Preprocess`).
+
+  Names are the paper's: conv1_1 ... conv5_4 and fc6, fc7 after their ReLU (fc7's are the
+  4096-d image features of transfer-learning papers), pool1 ... pool5 after each max-pool, and
+  fc8, the class scores. With `dense`, fc6 ... fc8 are maps over a larger image (Sec. 3.2).
+  """
+  known = _feature_names(model.variant)
+  unknown = [name for name in layers if name not in known]
+  if unknown:
+    raise ValueError(f'No layer {", ".join(unknown)} in net {model.variant}; its layers are '
+                     f'{", ".join(known)}.')
+  computed = _features(model, variables, images, tuple(layers), dense)
+  return {name: computed[name] for name in layers}
+
+
+@functools.partial(jax.jit, static_argnames=('model', 'layers', 'dense'))
+def _features(model, variables, images, layers, dense):
+  last_conv = {f'pool{b}': f'conv{b}_{len([s for s in block if s != models.LRN])}'
+               for b, block in enumerate(models.VGG_SPECS[model.variant], start=1)}
+  modules = {last_conv.get(name, name) for name in layers}
+  _, state = model.apply(variables, images, dense=dense,
+                         capture_intermediates=lambda m, method: (method == '__call__'
+                                                                  and m.name in modules),
+                         mutable=['intermediates'])
+  # Captured are the layers' outputs before their ReLU; the ReLU and pools are applied here.
+  captured = {name: value['__call__'][0] for name, value in state['intermediates'].items()}
+  result = {}
+  for name in layers:
+    if name == 'fc8':
+      result[name] = captured[name].astype(jnp.float32)
+    elif name.startswith('pool'):
+      result[name] = models.max_pool_2x2(nn.relu(captured[last_conv[name]]))
+    else:
+      result[name] = nn.relu(captured[name])
+  return result
+
+
+_dense_posteriors = jax.jit(evaluation.dense_posteriors,
+                            static_argnames=('model', 'normalization', 'flip'))
+
+
+def predict(model: models.VGG, variables: dict, images: Images, preprocess: Preprocess,
+            k: int = 5, class_names: Optional[Sequence[str]] = None,
+            flip: bool = False) -> list[list[dict]]:
+  """Top-k classes of each image, any size: rescaled to Q and scored densely, the class
+  score map averaged over the image (Sec. 3.2); `flip` averages in the mirrored image.
+
+  Returns, per image, k dicts {'label', 'name' (when `class_names`), 'probability'}, most
+  probable first.
+  """
+  if not isinstance(images, (list, tuple)) and np.ndim(images) == 3:
+    images = [images]
+  step = models.DOWNSAMPLING
+  results = []
+  for image in images:
+    image = preprocess.rescale(image)
+    height, width = image.shape[:2]
+    padded = np.zeros((1, -(-height // step) * step, -(-width // step) * step, 3), np.uint8)
+    padded[0, :height, :width] = image
+    probs = _dense_posteriors(variables['params'], jnp.asarray(padded),
+                              jnp.asarray([[height, width]]), model=model,
+                              normalization=preprocess.normalization, flip=flip)[0]
+    top = np.argsort(-np.asarray(probs), kind='stable')[:k]
+    results.append([{'label': int(i), **({'name': class_names[i]} if class_names else {}),
+                     'probability': float(probs[i])} for i in top])
+  return results
