@@ -17,6 +17,13 @@ if 'JAX_COMPILATION_CACHE_DIR' not in os.environ:
 else:
   _CACHE_DIR = None
 
+try:
+  # torch, where installed (tests/test_convert.py compares with it), must be imported before
+  # TensorFlow, which other test modules import: the other order crashes the process.
+  import torch  # pylint: disable=g-import-not-at-top,unused-import
+  import torchvision  # pylint: disable=g-import-not-at-top,unused-import
+except ImportError:
+  pass
 import numpy as np  # pylint: disable=g-import-not-at-top
 import pytest  # pylint: disable=g-import-not-at-top
 

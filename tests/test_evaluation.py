@@ -273,7 +273,8 @@ def test_multicrop_compiles_once_whatever_the_image_shapes(photos_config):
   builder = input_pipeline.get_builder(photos_config)
   model = models.VGG('A', num_classes=3, width=1 / 16)
   params = model.init(jax.random.key(2), jnp.zeros((1, 64, 64, 3)))['params']
-  step = evaluation.pmap_posteriors(evaluation.MULTICROP, model, (0.0, 0.0, 0.0))
+  step = evaluation.pmap_posteriors(evaluation.MULTICROP, model,
+                                    preprocess.Normalization((0.0, 0.0, 0.0)))
   with count_compilations() as compiles:
     post = evaluation.posteriors(step, params, input_pipeline.test_batch_iterator(
         builder, photos_config, evaluation.MULTICROP, 80))

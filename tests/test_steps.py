@@ -266,6 +266,7 @@ def test_models_steps_evaluation_and_checkpoints_import_without_tensorflow():
   checks = [
       ('tensorflow', 'vgg_jax.models, vgg_jax.steps, vgg_jax.preprocess, vgg_jax.checkpoints, '
                      'vgg_jax.config_validation, vgg_jax.evaluation, vgg_jax.report'),
+      ('tensorflow', 'vgg_jax, vgg_jax.inference, vgg_jax.convert'),
       # One benchmark per process: each defines its own absl flags.
       ('tensorflow, ml_collections', 'vgg_jax.summary, benchmarks.eval_cost'),
       ('tensorflow, ml_collections', 'benchmarks.train_step'),
