@@ -329,10 +329,13 @@ def test_caffe_cli_writes_a_checkpoint_that_load_runs_on_rgb_photos(tmp_path, ph
   assert result.returncode != 0 and 'already holds checkpoints' in result.stderr
 
 
-def test_wrong_variant_and_non_caffe_bytes_are_refused_with_what_they_are():
+def test_wrong_variant_and_files_of_another_kind_are_refused_with_what_they_are(tmp_path):
   layers, blobs = make_caffe_net(variant='E')
   data = caffemodel_v1(layers, blobs)
   with pytest.raises(convert.ConversionError, match='weights have 16 convolutions, which is net E'):
     convert.from_caffe(data, variant='D')
   with pytest.raises(convert.ConversionError, match='Caffe'):
     convert.from_caffe(b'\xff\xff\xff not a protobuf')
+  (tmp_path / 'weights.h5').write_text('not HDF5')
+  with pytest.raises(convert.ConversionError, match='not an HDF5 file'):
+    convert.from_keras(str(tmp_path / 'weights.h5'))

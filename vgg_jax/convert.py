@@ -67,7 +67,7 @@ def normalization(source: str) -> preprocess.Normalization:
 def imagenet_class_names() -> list[str]:
   """ILSVRC-2012's 1,000 classes in label order: 'n01440764 tench', ..."""
   with open(IMAGENET_CLASSES) as f:
-    return [' '.join(line.split('\t')) .strip() for line in f if not line.startswith('#')]
+    return [' '.join(line.split('\t')).strip() for line in f if not line.startswith('#')]
 
 
 # ---------------------------------------------------------------------------------------------
@@ -182,7 +182,11 @@ def load_torch_file(path: str) -> Mapping:
   except ImportError as e:
     raise ConversionError('--source=torchvision reads .pth files with torch; pip install '
                           'torch (the CPU wheel is enough).') from e
-  state = torch.load(path, map_location='cpu', weights_only=True)
+  try:
+    state = torch.load(path, map_location='cpu', weights_only=True)
+  except Exception as e:  # torch raises several kinds: not a zip, unpickling refused, ...
+    raise ConversionError(f'{path} does not load as a torch state_dict with weights_only=True '
+                          f'({type(e).__name__}: {e}).') from e
   for key in ('state_dict', 'model'):
     if isinstance(state, Mapping) and isinstance(state.get(key), Mapping):
       state = state[key]
@@ -206,7 +210,12 @@ def keras_layers(path: str) -> list[tuple[str, list[np.ndarray]]]:
   """
   import h5py  # pylint: disable=g-import-not-at-top
   decode = lambda s: s.decode() if isinstance(s, bytes) else str(s)
-  with h5py.File(path, 'r') as f:
+  try:
+    f = h5py.File(path, 'r')
+  except OSError as e:
+    raise ConversionError(f'{path} is not an HDF5 file ({e}); --source=keras reads the .h5 '
+                          'weight files of keras.applications.') from e
+  with f:
     group = f['model_weights'] if 'model_weights' in f else f
     if 'layer_names' in group.attrs:
       layers = []
@@ -384,7 +393,6 @@ def save(output: str, variables: dict, fields: dict, source: str,
   config.mean_rgb, config.std_rgb, config.channel_order = (
       norm.mean_rgb, norm.std_rgb, norm.channel_order)
   config.train_scale = SOURCE_TRAIN_SCALE[source]
-  config.init, config.dropout_rate = 'paper', 0.5
   if fields['num_classes'] != 1000:
     config.dataset = 'unknown'
   checkpoints.save_params(output, variables['params'], config)
