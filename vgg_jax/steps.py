@@ -222,8 +222,7 @@ def train_step(state: TrainState, batch: dict[str, jax.Array], rng: jax.Array, *
     grads = jax.tree.map(lambda g: g / accum, grad_sum)
     metrics = jax.tree.map(lambda m: m.reshape(-1), metrics)
   metrics = {name: jnp.mean(value) for name, value in metrics.items()}
-  if frozen_prefixes(config):
-    grads = without_frozen(grads, config)
+  grads = without_frozen(grads, config)
   if lax.axis_size(AXIS) > 1:  # On one device XLA's all-reduce is a copy of every gradient.
     grads, metrics = lax.pmean((grads, metrics), AXIS)
   metrics['grad_norm'] = optax.global_norm(grads)
