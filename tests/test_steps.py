@@ -51,7 +51,8 @@ def test_eight_device_step_equals_single_device_sgd_on_the_whole_batch():
   heavy-ball momentum v = m v + g, w -= lr v; two steps so the momentum buffer matters.
   """
   assert jax.local_device_count() == NUM_DEVICES
-  config = small_config(dropout_rate=0.0, color_shift_std=0.0)
+  # Weight decay 100x the paper's, so its share of the update is well above float32 rounding.
+  config = small_config(dropout_rate=0.0, color_shift_std=0.0, weight_decay=5e-2)
   rng = fresh_rng()
   state = steps.create_train_state(config, jax.random.key(rng.integers(1 << 30)), 32)
   model = steps.create_model(config)
@@ -76,10 +77,12 @@ def test_eight_device_step_equals_single_device_sgd_on_the_whole_batch():
     params = jax.tree.map(lambda w, v: w - config.learning_rate * v, params, velocity)
     assert relative_error(metrics['loss'], loss) <= 1e-5
 
+  # float32 against a float64 reference: conv1_1's kernel gradient sums 32K products of
+  # 0-255 pixels, whose rounding reached 3.4e-5 of the kernel's largest value in one CI run.
   got = jax.device_get(state.params)
   for layer in params:
     for kind in ('kernel', 'bias'):
-      assert relative_error(got[layer][kind], params[layer][kind]) <= 1e-5, (layer, kind)
+      assert relative_error(got[layer][kind], params[layer][kind]) <= 1e-4, (layer, kind)
   assert int(state.step) == 2
 
 
