@@ -243,6 +243,59 @@ def test_plateau_scale_multiplies_the_sgd_update():
   assert np.abs(full_update).max() > 100 * 1e-6 * np.abs(w0).max()
 
 
+@pytest.mark.parametrize('form', config_validation.SGD_FORMS)
+def test_sgd_forms_follow_their_update_rules_across_a_learning_rate_drop(form):
+  """Sec. 3.1's SGD as Caffe ran it (the rate scales the gradient before the momentum buffer)
+  and as PyTorch runs it (the rate scales the buffer), written out in numpy over five steps
+  whose plateau scale drops 1 -> 0.1 -> 0.01; weights decay, biases do not."""
+  config = small_config(sgd_form=form)
+  rng = fresh_rng()
+  params = {'fc8': {'kernel': rng.normal(size=(4, 3)), 'bias': rng.normal(size=(3,))}}
+  grads = [{'fc8': {'kernel': rng.normal(size=(4, 3)), 'bias': rng.normal(size=(3,))}}
+           for _ in range(5)]
+  scales = (1.0, 1.0, 0.1, 0.1, 0.01)
+  tx = steps.create_optimizer(config)
+  opt_state = tx.init(params)
+  w = {k: np.array(v, np.float64) for k, v in params['fc8'].items()}
+  v = {k: np.zeros_like(x) for k, x in w.items()}
+  mu, wd = config.momentum, config.weight_decay
+  for g, scale in zip(grads, scales):
+    updates, opt_state = tx.update(g, opt_state, params, lr_scale=scale)
+    params = jax.tree.map(lambda p, u: p + u, params, updates)
+    lr = config.learning_rate * scale
+    for k in w:
+      step_grad = g['fc8'][k] + (wd * w[k] if k == 'kernel' else 0.0)
+      if form == 'caffe':
+        v[k] = mu * v[k] - lr * step_grad
+        w[k] = w[k] + v[k]
+      else:
+        v[k] = mu * v[k] + step_grad
+        w[k] = w[k] - lr * v[k]
+    for k in w:
+      np.testing.assert_allclose(np.asarray(params['fc8'][k]), w[k], rtol=1e-5, atol=1e-6)
+
+
+def test_sgd_forms_agree_at_a_constant_rate_and_differ_after_a_drop():
+  """After a drop Caffe's buffer still carries the old rate's steps: its next update is
+  larger than PyTorch's, whose whole buffer is scaled at once."""
+  rng = fresh_rng()
+  params = {'fc8': {'kernel': rng.normal(size=(4, 3)), 'bias': rng.normal(size=(3,))}}
+  grads = {'fc8': {'kernel': np.ones((4, 3)), 'bias': np.ones((3,))}}
+  last = {}
+  for form in config_validation.SGD_FORMS:
+    tx = steps.create_optimizer(small_config(sgd_form=form, weight_decay=0.0))
+    state, sizes = tx.init(params), []
+    for scale in (1.0, 1.0, 0.1):
+      updates, state = tx.update(grads, state, params, lr_scale=scale)
+      sizes.append(float(np.abs(updates['fc8']['bias']).max()))
+    last[form] = sizes
+  np.testing.assert_allclose(last['caffe'][:2], last['pytorch'][:2], rtol=1e-6)
+  # mu * 1.9 * lr + 0.1 * lr against 0.1 * (mu * 1.9 + 1) * lr.
+  lr, mu = 0.01, 0.9
+  assert last['caffe'][2] == pytest.approx((mu * 1.9 + 0.1) * lr, rel=1e-5)
+  assert last['pytorch'][2] == pytest.approx(0.1 * (mu * 1.9 + 1) * lr, rel=1e-5)
+
+
 def test_eval_step_sums_exactly_over_unmasked_examples():
   config = small_config()
   rng = fresh_rng()

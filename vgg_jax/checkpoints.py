@@ -32,7 +32,9 @@ from vgg_jax import steps
 # Config fields that fix the parameter shapes: a checkpoint only fits a net that agrees on all.
 SHAPE_FIELDS = ('variant', 'width', 'num_classes', 'image_size')
 # Fields that fix the optimiser state's structure: a run resumes only with the same values.
-OPTIMIZER_FIELDS = ('frozen_layers',)
+OPTIMIZER_FIELDS = ('frozen_layers', 'sgd_form')
+# What a checkpoint whose config predates a field was written with.
+BEFORE_THE_FIELD = {'sgd_form': 'pytorch'}
 # Beside the checkpoints: the class names, in label order; and, in a directory of imported
 # weights (vgg_jax.convert), where they came from.
 CLASS_NAMES = 'classes.json'
@@ -144,7 +146,8 @@ def check_resume(workdir: str, config) -> bool:
     return False
   saved = restore_config(manager, step)
   for field in SHAPE_FIELDS + OPTIMIZER_FIELDS:
-    if saved.get(field, config.get(field)) != config.get(field):
+    saved.setdefault(field, BEFORE_THE_FIELD.get(field, config.get(field)))
+    if saved[field] != config.get(field):
       raise config_validation.ConfigError(
           f'config.{field}={config[field]!r}: {checkpoint_dir(workdir)} holds a checkpoint '
           f'(step {step}) of a net with {field}={saved.get(field)!r}, whose '

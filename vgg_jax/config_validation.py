@@ -7,6 +7,8 @@ DTYPE_NAMES = ('float32', 'bfloat16', 'float16')
 INITS = ('paper', 'glorot')
 INIT_MODES = ('net_a', 'all', 'finetune')
 PROTOCOLS = ('single', 'dense', 'multicrop', 'dense+multicrop')
+# Where the learning rate enters momentum SGD (`steps.create_optimizer`).
+SGD_FORMS = ('caffe', 'pytorch')
 
 
 class ConfigError(ValueError):
@@ -115,6 +117,8 @@ def validate(config, num_devices: int) -> None:
     _fail('learning_rate', config.learning_rate, 'must be positive.')
   if not 0 <= config.momentum < 1:
     _fail('momentum', config.momentum, 'must be in [0, 1).')
+  if config.get('sgd_form', 'caffe') not in SGD_FORMS:
+    _fail('sgd_form', config.sgd_form, f'expected one of {", ".join(SGD_FORMS)}.')
   if config.weight_decay < 0:
     _fail('weight_decay', config.weight_decay, 'must be >= 0.')
   if not 0 < config.lr_plateau_factor < 1:

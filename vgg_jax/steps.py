@@ -63,6 +63,7 @@ def create_model(config) -> models.VGG:
   return models.VGG(variant=config.variant, num_classes=config.num_classes,
                     dropout_rate=config.dropout_rate, dtype=DTYPES[config.dtype],
                     width=config.width, init_scheme=config.init, init_std=config.init_std,
+                    init_std_as_full_size=config.get('init_std_as_full_size', False),
                     weight_grad=getattr(config, 'weight_grad', 'auto'))
 
 
@@ -86,15 +87,36 @@ def _layer_labels(params, prefixes):
                               value) for layer, value in params.items()}
 
 
-def create_optimizer(config) -> optax.GradientTransformation:
-  """SGD with momentum on the L2-regularised objective (Sec. 3.1): w -= lr * (v + wd * w).
+def scale_by_plateau() -> optax.GradientTransformationExtraArgs:
+  """Multiplies the updates by the plateau rule's current scale, passed as `lr_scale` to
+  `update` (it lives in `TrainState.plateau`, advanced by validation results, not by steps)."""
 
+  def update(updates, state, params=None, *, lr_scale=1.0, **extra_args):
+    del params, extra_args
+    return jax.tree.map(lambda u: u * lr_scale, updates), state
+
+  return optax.GradientTransformationExtraArgs(lambda params: optax.EmptyState(), update)
+
+
+def create_optimizer(config) -> optax.GradientTransformationExtraArgs:
+  """SGD with momentum on the L2-regularised objective (Sec. 3.1), in one of two forms that
+  agree while the learning rate is constant and differ when the plateau rule divides it:
+
+  - 'caffe' (the paper's; Caffe's SGDSolver): v <- mu * v - lr * (g + wd * w); w <- w + v.
+    The rate scales each gradient before it enters the momentum buffer, so after a drop the
+    buffer still carries the steps taken at the old rate, decaying as mu^t.
+  - 'pytorch' (torch.optim.SGD, optax.sgd): v <- mu * v + (g + wd * w); w <- w - lr * v.
+    The rate scales the whole buffer, so a drop shrinks the accumulated momentum at once.
+
+  `lr` is config.learning_rate times the plateau scale, which `update` takes as `lr_scale`.
   Layers named by config.frozen_layers are left out (optax.multi_transform): they neither
   move nor decay, and hold no momentum.
   """
-  sgd = optax.chain(
-      optax.add_decayed_weights(config.weight_decay, mask=_decay_mask),
-      optax.sgd(config.learning_rate, momentum=config.momentum))
+  decay = optax.add_decayed_weights(config.weight_decay, mask=_decay_mask)
+  rate = optax.chain(optax.scale(-config.learning_rate), scale_by_plateau())
+  momentum = optax.trace(decay=config.momentum)
+  sgd = (optax.chain(decay, rate, momentum) if config.get('sgd_form', 'caffe') == 'caffe'
+         else optax.chain(decay, momentum, rate))
   prefixes = frozen_prefixes(config)
   if not prefixes:
     return sgd
@@ -231,8 +253,8 @@ def train_step(state: TrainState, batch: dict[str, jax.Array], rng: jax.Array, *
   finite = jnp.isfinite(metrics['loss']) & jnp.isfinite(metrics['grad_norm'])
   def update(params_and_opt_state):
     params, opt_state = params_and_opt_state
-    updates, opt_state = state.tx.update(grads, opt_state, params)
-    updates = jax.tree.map(lambda u: u * state.plateau.scale, updates)
+    updates, opt_state = state.tx.update(grads, opt_state, params,
+                                         lr_scale=state.plateau.scale)
     return optax.apply_updates(params, updates), opt_state
 
   # A branch rather than a select per array: the skipped update is not computed, and the
