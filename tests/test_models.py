@@ -329,6 +329,27 @@ def test_paper_init_is_zero_mean_normal_with_given_std_and_zero_biases(width, st
   assert abs(np.mean(fc7 ** 4) / np.mean(fc7 ** 2) ** 2 - 3.0) < 0.1
 
 
+# Hand-counted fan-ins of net C at width 1/8 on a 32 x 32 crop, and of the paper's net (width 1,
+# 224 crop): (here, full size). fc6 sees 1 x 1 x 64 here, 7 x 7 x 512 there.
+FAN_INS_C = {'conv1_1': (27, 27), 'conv1_2': (72, 576), 'conv2_1': (72, 576),
+             'conv3_1': (144, 1152), 'conv3_3': (32, 256), 'conv4_1': (288, 2304),
+             'conv5_3': (64, 512), 'fc6': (64, 25088), 'fc7': (512, 4096), 'fc8': (512, 4096)}
+
+
+def test_paper_init_as_full_size_gives_each_layer_the_full_size_nets_gain():
+  """A layer's variance gain is fan_in * std^2 / 2: matching the paper's net needs std scaled by
+  sqrt(full-size fan-in / fan-in) (conv1_1 unchanged, fc6 by sqrt(392))."""
+  model = models.VGG(variant='C', width=0.125, num_classes=10, init_scheme='paper',
+                     init_std=0.01, init_std_as_full_size=True)
+  params = fast_init(model)
+  for name, (fan_in, full) in FAN_INS_C.items():
+    kernel = np.asarray(params[name]['kernel'], np.float64)
+    assert int(np.prod(kernel.shape[:-1])) == fan_in, name
+    expected = 0.01 * np.sqrt(full / fan_in)
+    assert abs(kernel.std() / expected - 1.0) <= sample_std_tolerance(kernel.size), name
+    assert fan_in * kernel.std() ** 2 == pytest.approx(full * 0.01 ** 2, rel=0.1), name
+
+
 def test_glorot_init_has_variance_two_over_fan_in_plus_fan_out():
   """Sec. 3.1's closing remark: Glorot & Bengio (2010), Var = 2 / (fan_in + fan_out), uniform."""
   model = models.VGG(variant='C', width=0.25, num_classes=10, init_scheme='glorot')

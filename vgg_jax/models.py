@@ -31,6 +31,8 @@ VGG_SPECS = {
 }
 VARIANTS = tuple(VGG_SPECS)
 FC_WIDTH = 4096
+# The paper's training crop; fc6 of the full-size net sees a (224 / 32)^2 = 7 x 7 grid.
+PAPER_IMAGE_SIZE = 224
 # The classifier sees a (size / 32)^2 grid: five 2x2/2 max-pools (Sec. 2.1).
 DOWNSAMPLING = 32
 
@@ -74,6 +76,18 @@ def kernel_init(init: str, std: float = 0.01) -> Callable:
   if init == 'glorot':
     return nn.initializers.glorot_uniform()
   raise ValueError(f"init={init!r}: expected 'paper' or 'glorot'.")
+
+
+def full_size_std(std: float, fan_in: int, full_size_fan_in: int) -> float:
+  """The std that gives a layer of fan-in `fan_in` the gain N(0, std^2) gives the same layer
+  of the paper's net (full width, 224 crop), whose fan-in is `full_size_fan_in`.
+
+  A ReLU layer with N(0, s^2) weights multiplies its signal's variance by fan_in * s^2 / 2
+  (He et al. 2015), so equal gains need s^2 proportional to 1 / fan_in. At width 1/8 the
+  middle convolutions' fan-ins are 8x smaller, and fc6 on a 32 x 32 crop 392x smaller, than
+  the paper's: with the same std, a narrow net would not show Sec. 3.1's stalled training.
+  """
+  return std * math.sqrt(full_size_fan_in / fan_in)
 
 
 def _keep_valid(x: jax.Array, sizes: Optional[jax.Array]) -> jax.Array:
@@ -284,6 +298,8 @@ class VGG(nn.Module):
     width: multiplies every channel count, fc6/fc7 included; 1.0 is the paper's net.
     init_scheme: 'paper' or 'glorot', see `kernel_init` (`config.init`).
     init_std: the standard deviation of the 'paper' initialisation.
+    init_std_as_full_size: scale each layer's 'paper' std by sqrt(its fan-in in the
+      full-size net / its fan-in here) (`full_size_std`).
     weight_grad: how convolution kernel gradients are computed: 'conv' (XLA's convolution),
       'matmul' (`conv_matmul_weight_grad`) or 'auto' (matmul for large layers on CPU only).
       Same values.
@@ -295,7 +311,15 @@ class VGG(nn.Module):
   width: float = 1.0
   init_scheme: str = 'paper'
   init_std: float = 0.01
+  init_std_as_full_size: bool = False
   weight_grad: str = 'auto'
+
+  def _init(self, fan_in: int, full_size_fan_in: int) -> dict:
+    std = self.init_std
+    if self.init_std_as_full_size:
+      std = full_size_std(std, fan_in, full_size_fan_in)
+    return dict(dtype=self.dtype, param_dtype=jnp.float32,
+                kernel_init=kernel_init(self.init_scheme, std), bias_init=nn.initializers.zeros)
 
   @nn.compact
   def __call__(self, x: jax.Array, train: bool = False, dense: bool = False,
@@ -319,12 +343,10 @@ class VGG(nn.Module):
     if not dense and (x.shape[1] % DOWNSAMPLING or x.shape[2] % DOWNSAMPLING):
       raise ValueError(f'Input of spatial size {x.shape[1:3]}: VGG needs multiples of '
                        f'{DOWNSAMPLING} (five 2x2 max-pools).')
-    layer = dict(dtype=self.dtype, param_dtype=jnp.float32,
-                 kernel_init=kernel_init(self.init_scheme, self.init_std),
-                 bias_init=nn.initializers.zeros)
     if sizes is not None and not dense:
       raise ValueError('sizes (valid image extents) are for dense evaluation of padded images.')
     x = _keep_valid(x.astype(self.dtype), sizes)
+    full_channels = x.shape[-1]
     for block, layers in enumerate(VGG_SPECS[self.variant], start=1):
       index = 0
       for spec in layers:
@@ -334,8 +356,10 @@ class VGG(nn.Module):
         index += 1
         size, channels = spec
         name = f'conv{block}_{index}'
+        init = self._init(size * size * x.shape[-1], size * size * full_channels)
+        full_channels = channels
         x = Conv(scaled(channels, self.width), size, name=name, weight_grad=self.weight_grad,
-                 **layer)(x)
+                 **init)(x)
         x = _keep_valid(nn.relu(x), sizes)
       x = max_pool_2x2(x)
       if sizes is not None:
@@ -343,11 +367,15 @@ class VGG(nn.Module):
         x = _keep_valid(x, sizes)
     # fc6 flattens in (height, width, channel) order, as Keras does; on a dense score map
     # fc7 and fc8 act on the channel axis of every location, i.e. as 1 x 1 convolutions.
-    x = nn.relu(GridDense(scaled(FC_WIDTH, self.width), name='fc6', **layer)(x, dense=dense))
+    grid = (PAPER_IMAGE_SIZE // DOWNSAMPLING) ** 2
+    init = self._init(math.prod(x.shape[1:]), grid * full_channels)
+    x = nn.relu(GridDense(scaled(FC_WIDTH, self.width), name='fc6', **init)(x, dense=dense))
     x = nn.Dropout(self.dropout_rate, deterministic=not train)(x)
-    x = nn.relu(nn.Dense(scaled(FC_WIDTH, self.width), name='fc7', **layer)(x))
+    init = self._init(x.shape[-1], FC_WIDTH)
+    x = nn.relu(nn.Dense(scaled(FC_WIDTH, self.width), name='fc7', **init)(x))
     x = nn.Dropout(self.dropout_rate, deterministic=not train)(x)
-    x = nn.Dense(self.num_classes, name='fc8', **layer)(x)
+    init = self._init(x.shape[-1], FC_WIDTH)
+    x = nn.Dense(self.num_classes, name='fc8', **init)(x)
     return x.astype(jnp.float32)
 
 
