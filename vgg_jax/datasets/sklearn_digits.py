@@ -22,6 +22,15 @@ def _upsample(digit: np.ndarray) -> np.ndarray:
   return np.repeat(np.asarray(grey)[..., None], 3, axis=-1)
 
 
+def split_indices(targets: np.ndarray) -> dict[str, np.ndarray]:
+  """{'train', 'test'}: sorted indices of the stratified 80/20 split of the 1,797 digits."""
+  from sklearn import model_selection  # pylint: disable=g-import-not-at-top
+  train, test = model_selection.train_test_split(
+      np.arange(len(targets)), test_size=TEST_FRACTION, stratify=targets,
+      random_state=SPLIT_SEED)
+  return {'train': np.sort(train), 'test': np.sort(test)}
+
+
 class SklearnDigits(tfds.core.GeneratorBasedBuilder):
   """scikit-learn's digits: 1,437 training and 360 test images of 32x32x3, 10 classes."""
 
@@ -41,15 +50,10 @@ class SklearnDigits(tfds.core.GeneratorBasedBuilder):
 
   def _split_generators(self, dl_manager):
     del dl_manager  # Everything is on disk already.
-    from sklearn import datasets, model_selection  # pylint: disable=g-import-not-at-top
+    from sklearn import datasets  # pylint: disable=g-import-not-at-top
     digits = datasets.load_digits()
-    indices = np.arange(len(digits.target))
-    train, test = model_selection.train_test_split(
-        indices, test_size=TEST_FRACTION, stratify=digits.target, random_state=SPLIT_SEED)
-    return {
-        'train': self._generate_examples(digits, np.sort(train)),
-        'test': self._generate_examples(digits, np.sort(test)),
-    }
+    return {split: self._generate_examples(digits, indices)
+            for split, indices in split_indices(digits.target).items()}
 
   def _generate_examples(self, digits, indices):
     for i in indices:
