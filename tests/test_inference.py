@@ -130,3 +130,44 @@ def test_load_gives_the_checkpoints_net_parameters_and_normalisation(tmp_path):
   assert prep == Preprocess(preprocess.Normalization(config.mean_rgb, (2.0, 3.0, 4.0), 'BGR'),
                             SIZE, 80)
   assert vgg_jax.class_names(str(tmp_path)) == ['a', 'b', 'c', 'd']
+
+
+def numpy_fc7_descriptor(pool5, params, grid):
+  """fc6 on every grid x grid window of a pool5 map (flattened h, w, C), then fc7, both with
+  ReLU, averaged over the windows: Appendix B's descriptor written out by hand."""
+  fc6, fc7 = params['fc6'], params['fc7']
+  rows, cols = pool5.shape[0] - grid + 1, pool5.shape[1] - grid + 1
+  out = []
+  for r in range(rows):
+    for c in range(cols):
+      h6 = np.maximum(pool5[r:r + grid, c:c + grid].reshape(-1) @ fc6['kernel'] + fc6['bias'], 0)
+      out.append(np.maximum(h6 @ fc7['kernel'] + fc7['bias'], 0))
+  return np.mean(out, axis=0)
+
+
+@pytest.mark.parametrize('aggregate', ['average', 'stack'])
+def test_descriptors_average_fc7_over_windows_flips_and_scales_then_l2_normalise(aggregate):
+  """Appendix B: the net applied densely at each Q, fc7 averaged over locations and the mirror
+  image, the scales averaged or stacked, L2-normalised. The reference slides fc6 and fc7 over
+  pool5 in numpy; a 96 x 128 image at Q = 96 has 2 x 3 windows of 64, at Q = 128 3 x 4."""
+  model, variables = tiny_net()
+  params = jax.tree.map(lambda x: np.asarray(x, np.float64), variables['params'])
+  image = fresh_rng().integers(0, 256, (96, 128, 3), dtype=np.uint8)
+  norm = preprocess.Normalization((120.0, 110.0, 100.0), (60.0, 60.0, 60.0), 'RGB')
+  prep = Preprocess(norm, SIZE, 96)
+  got = vgg_jax.descriptors(model, variables, [image], prep, scales=(100, 128),
+                            aggregate=aggregate, flip=True)
+  per_scale = []
+  for q in (100, 128):
+    views = []
+    for view in (image, image[:, ::-1]):
+      x = Preprocess(norm, SIZE, q).rescale(view)
+      pool5 = vgg_jax.features(model, variables, norm(jnp.asarray(x[None]), jnp.float32),
+                               layers=('pool5',), dense=True)['pool5'][0]
+      views.append(numpy_fc7_descriptor(np.asarray(pool5, np.float64), params, SIZE // 32))
+    per_scale.append(np.mean(views, axis=0))
+  joined = np.mean(per_scale, axis=0) if aggregate == 'average' else np.concatenate(per_scale)
+  expected = joined / np.linalg.norm(joined)
+  assert got.shape == (1, expected.size)
+  np.testing.assert_allclose(got[0], expected, rtol=1e-3, atol=2e-5)  # float32 vs float64.
+  assert np.linalg.norm(got[0]) == pytest.approx(1.0, rel=1e-5)

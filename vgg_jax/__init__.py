@@ -1,10 +1,10 @@
 """vgg_jax: the VGG nets of Simonyan & Zisserman (ICLR 2015) in JAX/Flax.
 
-The notebook API (`load`, `features`, `predict`, `class_names`) is imported on first use, so
+The notebook API (`load`, `features`, `predict`, `descriptors`, `class_names`) is imported on first use, so
 `python -m vgg_jax.<module>` starts no faster or slower for it.
 """
 
-_API = ('load', 'features', 'predict', 'class_names', 'Preprocess')
+_API = ('load', 'features', 'predict', 'descriptors', 'class_names', 'Preprocess')
 
 
 def __getattr__(name):

@@ -41,6 +41,8 @@ parse_protocols = config_validation.parse_protocols
 DENSE, MULTICROP = 'dense', 'multicrop'
 # Sec. 3.2: per scale, a 5 x 5 grid of crops, each with its horizontal flip.
 CROP_GRID = 5
+# How Appendix B's descriptors of several scales make one (`aggregate_descriptors`).
+DESCRIPTOR_AGGREGATES = ('average', 'stack')
 # Which passes (method, which scales) each protocol averages.
 _PASSES = {'single': ((DENSE, 'single'),), 'dense': ((DENSE, 'all'),),
            'multicrop': ((MULTICROP, 'all'),),
@@ -106,6 +108,15 @@ def _flip_valid(images: jax.Array, widths: jax.Array) -> jax.Array:
   return jnp.take_along_axis(images, index[:, None, :, None], axis=2)
 
 
+def _dense_views(images, sizes, normalization, dtype, flip):
+  """Normalised images, followed by their mirrors when `flip`; (inputs, sizes, views)."""
+  x = preprocess.normalize(images, normalization, dtype)
+  if not flip:
+    return x, sizes, 1
+  return (jnp.concatenate([x, _flip_valid(x, sizes[:, 1])]),
+          jnp.concatenate([sizes, sizes]), 2)
+
+
 def dense_posteriors(params, images: jax.Array, sizes: jax.Array, *, model: models.VGG,
                      normalization: preprocess.Normalization, flip: bool = True) -> jax.Array:
   """Sec. 3.2 dense evaluation of a batch of padded images: (B, H, W, 3) uint8 whose valid
@@ -115,21 +126,49 @@ def dense_posteriors(params, images: jax.Array, sizes: jax.Array, *, model: mode
   scores exactly as it would alone; the score map is averaged over the locations whose
   window lies inside the image.
   """
-  x = preprocess.normalize(images, normalization, model.dtype)
-  views = 2 if flip else 1
-  if flip:
-    x = jnp.concatenate([x, _flip_valid(x, sizes[:, 1])])
-    sizes = jnp.concatenate([sizes, sizes])
+  x, sizes, views = _dense_views(images, sizes, normalization, model.dtype, flip)
   scores = model.apply({'params': params}, x, dense=True, sizes=sizes)
-  # A score at (r, c) covers grid cells [r, r + g) x [c, c + g) of the conv5 grid.
-  grid = images.shape[1] // models.DOWNSAMPLING - scores.shape[1] + 1
-  cells = sizes // models.DOWNSAMPLING
-  valid_rows = jnp.arange(scores.shape[1])[None] + grid <= cells[:, :1]
-  valid_cols = jnp.arange(scores.shape[2])[None] + grid <= cells[:, 1:]
-  valid = (valid_rows[:, :, None] & valid_cols[:, None, :]).astype(jnp.float32)[..., None]
-  mean_scores = jnp.sum(scores * valid, axis=(1, 2)) / jnp.maximum(
-      jnp.sum(valid, axis=(1, 2)), 1.0)
+  mean_scores = _mean_over_windows(scores, images.shape[1], sizes)
   return jax.nn.softmax(mean_scores).reshape(views, images.shape[0], -1).mean(axis=0)
+
+
+def _mean_over_windows(maps: jax.Array, padded_height: int, sizes: jax.Array) -> jax.Array:
+  """(B, h, w, C) dense maps -> (B, C), averaged over the locations whose training-size
+  window lies inside the image (the rest read padding)."""
+  # A value at (r, c) covers grid cells [r, r + g) x [c, c + g) of the conv5 grid.
+  grid = padded_height // models.DOWNSAMPLING - maps.shape[1] + 1
+  cells = sizes // models.DOWNSAMPLING
+  valid_rows = jnp.arange(maps.shape[1])[None] + grid <= cells[:, :1]
+  valid_cols = jnp.arange(maps.shape[2])[None] + grid <= cells[:, 1:]
+  valid = (valid_rows[:, :, None] & valid_cols[:, None, :]).astype(jnp.float32)[..., None]
+  return jnp.sum(maps * valid, axis=(1, 2)) / jnp.maximum(jnp.sum(valid, axis=(1, 2)), 1.0)
+
+
+def dense_descriptors(params, images: jax.Array, sizes: jax.Array, *, model: models.VGG,
+                      normalization: preprocess.Normalization, flip: bool = True,
+                      layer: str = 'fc7') -> jax.Array:
+  """Appendix B's image descriptor at one scale, before normalisation: the net applied densely
+  to padded images as in `dense_posteriors`, `layer`'s (fc6 or fc7) output after its ReLU
+  averaged over the image's locations and, with `flip`, over the image and its mirror.
+  (B, H, W, 3) uint8 -> (B, features) float32."""
+  x, sizes, views = _dense_views(images, sizes, normalization, model.dtype, flip)
+  _, state = model.apply({'params': params}, x, dense=True, sizes=sizes,
+                         capture_intermediates=lambda m, method: (method == '__call__'
+                                                                  and m.name == layer),
+                         mutable=['intermediates'])
+  maps = jax.nn.relu(state['intermediates'][layer]['__call__'][0].astype(jnp.float32))
+  return _mean_over_windows(maps, images.shape[1], sizes).reshape(
+      views, images.shape[0], -1).mean(axis=0)
+
+
+def aggregate_descriptors(per_scale: Sequence[np.ndarray], how: str = 'average') -> np.ndarray:
+  """Appendix B: one descriptor per image from its descriptors at several scales Q, averaged
+  or stacked (concatenated: the classifier then weighs the scales), then L2-normalised."""
+  if how not in DESCRIPTOR_AGGREGATES:
+    raise ValueError(f'aggregate={how!r}: expected one of {", ".join(DESCRIPTOR_AGGREGATES)}.')
+  joined = (np.mean(per_scale, axis=0) if how == 'average'
+            else np.concatenate(per_scale, axis=-1)).astype(np.float32)
+  return joined / np.maximum(np.linalg.norm(joined, axis=-1, keepdims=True), 1e-12)
 
 
 def multicrop_posteriors(params, crops: jax.Array, *, model: models.VGG,

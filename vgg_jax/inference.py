@@ -5,6 +5,7 @@
   feats = vgg_jax.features(model, variables, x, layers=('conv5_3', 'fc7'))
   top5 = vgg_jax.predict(model, variables, photo, preprocess,
                          class_names=vgg_jax.class_names('workdirs/vgg16'))
+  d = vgg_jax.descriptors(model, variables, photos, preprocess)  # Appendix B, (N, 4096)
 
 No tensorflow: images are numpy or jax arrays.
 """
@@ -135,6 +136,23 @@ def _features(model, variables, images, layers, dense):
 
 _dense_posteriors = jax.jit(evaluation.dense_posteriors,
                             static_argnames=('model', 'normalization', 'flip'))
+_dense_descriptors = jax.jit(evaluation.dense_descriptors,
+                             static_argnames=('model', 'normalization', 'flip', 'layer'))
+
+
+def _as_list(images: Images) -> list:
+  if not isinstance(images, (list, tuple)) and np.ndim(images) == 3:
+    return [images]
+  return list(images)
+
+
+def _padded(image: np.ndarray) -> tuple[jax.Array, jax.Array]:
+  """One rescaled image zero-padded to multiples of 32, and its (height, width), batched."""
+  step = models.DOWNSAMPLING
+  height, width = image.shape[:2]
+  padded = np.zeros((1, -(-height // step) * step, -(-width // step) * step, 3), np.uint8)
+  padded[0, :height, :width] = image
+  return jnp.asarray(padded), jnp.asarray([[height, width]])
 
 
 def predict(model: models.VGG, variables: dict, images: Images, preprocess: Preprocess,
@@ -146,19 +164,32 @@ def predict(model: models.VGG, variables: dict, images: Images, preprocess: Prep
   Returns, per image, k dicts {'label', 'name' (when `class_names`), 'probability'}, most
   probable first.
   """
-  if not isinstance(images, (list, tuple)) and np.ndim(images) == 3:
-    images = [images]
-  step = models.DOWNSAMPLING
   results = []
-  for image in images:
-    image = preprocess.rescale(image)
-    height, width = image.shape[:2]
-    padded = np.zeros((1, -(-height // step) * step, -(-width // step) * step, 3), np.uint8)
-    padded[0, :height, :width] = image
-    probs = _dense_posteriors(variables['params'], jnp.asarray(padded),
-                              jnp.asarray([[height, width]]), model=model,
-                              normalization=preprocess.normalization, flip=flip)[0]
+  for image in _as_list(images):
+    probs = _dense_posteriors(variables['params'], *_padded(preprocess.rescale(image)),
+                              model=model, normalization=preprocess.normalization, flip=flip)[0]
     top = np.argsort(-np.asarray(probs), kind='stable')[:k]
     results.append([{'label': int(i), **({'name': class_names[i]} if class_names else {}),
                      'probability': float(probs[i])} for i in top])
   return results
+
+
+def descriptors(model: models.VGG, variables: dict, images: Images, preprocess: Preprocess,
+                scales: Sequence[int] = (256, 384, 512), aggregate: str = 'average',
+                layer: str = 'fc7', flip: bool = True) -> np.ndarray:
+  """Appendix B's image descriptors, (N, 4096 at full width; x len(scales) when stacked).
+
+  Each image, any size, is rescaled to each Q in `scales`, the net applied densely, `layer`'s
+  output (after its ReLU) averaged over the locations and, with `flip`, over the image and its
+  mirror; the scales' descriptors are averaged or stacked, then L2-normalised. A linear
+  classifier on these recognises classes the net was not trained on (`vgg_jax.linear_probe`).
+  """
+  per_scale = []
+  for q in scales:
+    at_q = dataclasses.replace(preprocess, scale=int(q))
+    per_scale.append(np.concatenate([
+        np.asarray(_dense_descriptors(variables['params'], *_padded(at_q.rescale(image)),
+                                      model=model, normalization=preprocess.normalization,
+                                      flip=flip, layer=layer))
+        for image in _as_list(images)]))
+  return evaluation.aggregate_descriptors(per_scale, aggregate)
