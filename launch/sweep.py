@@ -41,8 +41,10 @@ SKIP = 'skip'
 Plan = list[tuple[str, Union[list[str], str]]]
 
 
-def load_grid(path: str) -> list[Any]:
-  """`get_runs()` of the grid file at `path`, imported by path (it need not be a package)."""
+def load_grid(grid: str) -> list[Any]:
+  """`get_runs()` of the grid file at `grid`, imported by path (it need not be a package);
+  'FILE:ARG' calls `get_runs(ARG)`, as config files take an argument."""
+  path, _, arg = grid.partition(':')
   spec = importlib.util.spec_from_file_location(
       '_vgg_jax_grid_' + os.path.splitext(os.path.basename(path))[0], path)
   if spec is None:
@@ -50,7 +52,7 @@ def load_grid(path: str) -> list[Any]:
   module = importlib.util.module_from_spec(spec)
   sys.modules[spec.name] = module  # dataclasses look their module up while being defined.
   spec.loader.exec_module(module)
-  return list(module.get_runs())
+  return list(module.get_runs(arg) if arg else module.get_runs())
 
 
 def ordered(runs: Sequence[Any]) -> list[Any]:

@@ -51,14 +51,21 @@ flags.DEFINE_string('test_split', 'test', 'Split the SVM is scored on.')
 flags.DEFINE_string('data_dir', None, 'tfds data_dir, if not the training config\'s.')
 
 
+def result_key(dataset: str, features: str, layer: str, aggregate: str) -> str:
+  """The entry of linear_probe.json a probe writes."""
+  return f'{dataset}:{features}' + ('' if features == 'pixels' else f':{layer}:{aggregate}')
+
+
 def _pixels(batch: dict, q: int) -> np.ndarray:
-  """The central q x q square of each (padded) image at scale q, flattened."""
-  out = []
-  for image, (height, width) in zip(batch['image'].reshape(-1, *batch['image'].shape[-3:]),
-                                     batch['size'].reshape(-1, 2)):
-    top, left = (height - q) // 2, (width - q) // 2
-    out.append(image[top:top + q, left:left + q].reshape(-1).astype(np.float32))
-  return np.stack(out)
+  """The central q x q square of each (padded) image at scale q, flattened; zeros for the
+  batch's padding examples."""
+  out = np.zeros((batch['size'].reshape(-1, 2).shape[0], q * q * 3), np.float32)
+  for i, (image, (height, width)) in enumerate(zip(
+      batch['image'].reshape(-1, *batch['image'].shape[-3:]), batch['size'].reshape(-1, 2))):
+    if min(height, width) >= q:
+      top, left = (height - q) // 2, (width - q) // 2
+      out[i] = image[top:top + q, left:left + q].reshape(-1)
+  return out
 
 
 def split_descriptors(params, config, builder, split: str, scales: Sequence[int],
@@ -120,9 +127,11 @@ def probe(workdir: str, dataset: str, scales: Optional[Sequence[int]] = None,
   evaluation.check_scales(scales, config.image_size)
   builder = input_pipeline.get_builder(target)
   for split in (train_split, test_split):
-    if split not in builder.info.splits:
+    try:
+      builder.info.splits[split]  # 'train', and slices such as 'train[:100]'.
+    except (KeyError, ValueError) as e:
       raise config_validation.ConfigError(f'split {split!r}: {dataset} has splits '
-                                          f'{", ".join(builder.info.splits)}.')
+                                          f'{", ".join(builder.info.splits)}.') from e
   params = None
   if features == 'net':
     params = checkpoints.restore_params(workdir, config, checkpoints.latest_step(workdir))
@@ -142,8 +151,7 @@ def probe(workdir: str, dataset: str, scales: Optional[Sequence[int]] = None,
   if jax.process_index() == 0:
     path = epath.Path(workdir) / RESULTS
     merged = json.loads(path.read_text()) if path.exists() else {}
-    key = f'{dataset}:{features}' + ('' if features == 'pixels' else f':{layer}:{aggregate}')
-    merged[key] = result
+    merged[result_key(dataset, features, layer, aggregate)] = result
     path.write_text(json.dumps(merged, indent=2))
   return result
 

@@ -21,6 +21,7 @@ import json
 import logging as std_logging
 import os
 import sys
+from typing import Sequence
 
 from absl import app
 from absl import flags
@@ -113,6 +114,32 @@ def plot_curves(scalars: dict, output_dir: str) -> list[str]:
     ax.legend()
     paths.append(_save(fig, output / name))
   return paths
+
+
+def compare_runs(runs: dict[str, Sequence[str]], tag: str, path: str, title: str,
+                 ylabel: str, percent: bool = False, log: bool = False) -> str:
+  """One summary `tag` of several runs in one figure, e.g. the training loss of nets under
+  different initialisations. `runs` maps a label to its workdirs (seeds of one setting): their
+  mean is drawn, with their range shaded when there are several. Returns the PNG's path."""
+  fig = figure.Figure(figsize=(7, 4.5))
+  ax = fig.subplots()
+  for i, (label, workdirs) in enumerate(runs.items()):
+    curves = [read_scalars(w)[tag] for w in workdirs]
+    length = min(len(steps) for steps, _ in curves)
+    steps = curves[0][0][:length]
+    values = np.stack([v[:length] for _, v in curves]) * (100 if percent else 1)
+    ax.plot(steps, values.mean(axis=0), color=f'C{i}',
+            label=label + (f' ({len(workdirs)} seeds)' if len(workdirs) > 1 else ''))
+    if len(workdirs) > 1:
+      ax.fill_between(steps, values.min(axis=0), values.max(axis=0), color=f'C{i}', alpha=0.2)
+  if log:
+    ax.set_yscale('log')
+  ax.set(title=title, xlabel='step', ylabel=ylabel)
+  ax.grid(True, alpha=0.3)
+  ax.legend(fontsize=8)
+  output = epath.Path(path)
+  output.parent.mkdir(parents=True, exist_ok=True)
+  return _save(fig, output)
 
 
 def _pct(value: float) -> str:
