@@ -63,7 +63,7 @@ def create_model(config) -> models.VGG:
   return models.VGG(variant=config.variant, num_classes=config.num_classes,
                     dropout_rate=config.dropout_rate, dtype=DTYPES[config.dtype],
                     width=config.width, init_scheme=config.init, init_std=config.init_std,
-                    init_std_as_full_size=config.get('init_std_as_full_size', False),
+                    init_std_as_full_size=getattr(config, 'init_std_as_full_size', False),
                     weight_grad=getattr(config, 'weight_grad', 'auto'))
 
 
