@@ -10,7 +10,7 @@ its image as in the paper.
 
 from typing import Optional
 
-from experiments import default
+from experiments import digits
 
 TRAINING_SCALES = {'S=36': 36, 'S=54': 54, 'S=36-72': (36, 72)}
 # The paper's test scales divided by 7: {S - 32, S, S + 32} -> {S - 4, S, S + 4}; jittered
@@ -23,31 +23,19 @@ def get_config(arg: Optional[str] = 'D,S=36'):
   variant, _, scale = (arg or 'D,S=36').partition(',')
   if scale not in TRAINING_SCALES:
     raise ValueError(f'Config argument {arg!r}: expected NET,S with S one of '
-                     f'{", ".join(TRAINING_SCALES)}, e.g. experiments/mini/config.py:D,S=64.')
-  config = default.get_config()
+                     f'{", ".join(TRAINING_SCALES)}, e.g. experiments/mini/config.py:D,S=36.')
+  config = digits.get_config()  # 1/8 width, Glorot, no flips, cached, batch 64, crop 32.
   config.variant = variant
-  config.width = 0.125  # 8-64 conv channels, 512-wide fc6/fc7.
-  config.init = 'glorot'  # Sec. 3.1's closing note; the init experiments set 'paper'.
   config.init_std_as_full_size = True  # For 'paper': each layer's gain as in the full net.
-  config.num_classes = 10
   config.dataset = 'scaled_digits'
-  config.eval_split = 'test'
-  config.image_size = 32
   config.train_scale = TRAINING_SCALES[scale]
   config.test_scales = TEST_SCALES[scale]
-  config.random_flip = False  # A mirrored digit is another symbol.
-  config.test_flip = False
   config.mean_rgb = (62.2, 62.2, 62.2)  # The training images' own mean (Sec. 2.1).
   config.shuffle_buffer_size = 8_192
-  config.cache = True
-  config.batch_size = 64
-  config.eval_batch_size = 120
   config.dense_batch_size = 60
-  config.multicrop_batch_size = 40
-  config.dense_size_step = 32
   config.learning_rate = 0.01
   config.lr_plateau_patience = 3
-  config.num_epochs = 10  # 898 steps at batch 64.
+  config.num_epochs = 10  # 890 steps at batch 64.
   config.log_every_steps = 25
   config.checkpoint_every_steps = 1_000
   config.keep_checkpoints = 1
