@@ -97,7 +97,7 @@ def fit_svm(train: tuple[np.ndarray, np.ndarray], test: tuple[np.ndarray, np.nda
   """A linear SVM on `train` (C by 3-fold cross-validation), scored on `test`."""
   from sklearn import model_selection, svm  # pylint: disable=g-import-not-at-top
   search = model_selection.GridSearchCV(
-      svm.LinearSVC(random_state=seed, max_iter=20_000), {'C': list(c_values)}, cv=3)
+      svm.LinearSVC(dual=False, random_state=seed, max_iter=5_000), {'C': list(c_values)}, cv=3)
   search.fit(*train)
   x, y = test
   error = float(np.mean(search.predict(x) != y))
