@@ -146,8 +146,8 @@ def probe(workdir: str, dataset: str, scales: Optional[Sequence[int]] = None,
             'dataset': dataset, 'features': features, 'layer': layer,
             'scales': list(scales), 'aggregate': aggregate,
             'trained_on': config.dataset, 'net': config.variant}
-  logging.info('%s %s descriptors of %s: linear SVM test error %.2f%% over %d images.',
-               features, layer, dataset, 100 * result['top1_error'], result['num_test'])
+  logging.info('%s descriptors of %s: linear SVM test error %.2f%% over %d images.',
+               features if features == 'pixels' else f'{features} {layer}', dataset, 100 * result['top1_error'], result['num_test'])
   if jax.process_index() == 0:
     path = epath.Path(workdir) / RESULTS
     merged = json.loads(path.read_text()) if path.exists() else {}
