@@ -329,7 +329,7 @@ def report(root: str, quick: bool) -> str:
     q = {'36': 36, '54': 54, '36-72': 54}[scale]
     ref = paper.TABLE3.get((net, paper_scale[scale]))
     top5 = r.top5(n, 'multicrop@Q')
-    lines.append(f'| {net} | {scale.replace("-", "-")} | {q} | {_cell(r.wrong(n, "dense@Q"), seeds)} | '
+    lines.append(f'| {net} | {scale} | {q} | {_cell(r.wrong(n, "dense@Q"), seeds)} | '
                  f'{_cell(r.wrong(n, "multicrop@Q"), seeds)} | '
                  f'{"n/a" if top5 is None else f"{100 * top5:.1f}"} | '
                  f'{"—" if ref is None else f"{ref[0]} / {ref[1]}"} |')
