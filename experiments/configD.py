@@ -4,12 +4,12 @@ The paper initialises the deeper nets from a trained net A; its closing note in 
 Glorot initialisation trains them from scratch just as well, which is the default here.
 """
 
-from experiments import default
+from vgg_jax import default_config
 
 
 def get_config(arg=None):
   """arg: the training scale, 'S=256', 'S=384' or 'S=256-512' (Table 3); default S = 256."""
-  config = default.get_config(arg)
+  config = default_config.get_config(arg)
   config.variant = 'D'
   config.init = 'glorot'
   return config

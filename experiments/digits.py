@@ -5,11 +5,11 @@ tf.data -> pmap -> Orbax path as ImageNet. Scale jittering S in [32, 36] plays t
 [256, 512]; flips are off, since a mirrored digit is another symbol.
 """
 
-from experiments import default
+from vgg_jax import default_config
 
 
 def get_config():
-  config = default.get_config()
+  config = default_config.get_config()
   config.variant = 'D'
   config.width = 0.125  # 8-64 conv channels, 512-wide fc6/fc7.
   config.init = 'glorot'

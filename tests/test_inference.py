@@ -10,6 +10,7 @@ import tensorflow as tf
 
 import vgg_jax
 from vgg_jax import checkpoints
+from vgg_jax import default_config
 from vgg_jax import input_pipeline
 from vgg_jax import models
 from vgg_jax import preprocess
@@ -119,7 +120,7 @@ def test_predict_scores_any_size_densely_and_names_the_top_k(photos):
 
 def test_load_gives_the_checkpoints_net_parameters_and_normalisation(tmp_path):
   model, variables = tiny_net(variant='C', num_classes=4)
-  config = checkpoints.default_config()
+  config = default_config.get_config()
   config.update(variant='C', width=1 / 16, num_classes=4, image_size=SIZE, train_scale=(64, 96),
                 std_rgb=(2.0, 3.0, 4.0), channel_order='BGR')
   checkpoints.save_params(str(tmp_path), variables['params'], config)

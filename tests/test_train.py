@@ -10,7 +10,7 @@ import jax
 import numpy as np
 import pytest
 
-from experiments import default
+from vgg_jax import default_config
 from experiments import digits
 from vgg_jax import checkpoints
 from vgg_jax import config_validation
@@ -129,7 +129,7 @@ BAD_CONFIGS = [
 
 @pytest.mark.parametrize('field,value,why', BAD_CONFIGS)
 def test_invalid_config_error_names_field_and_value(field, value, why):
-  config = default.get_config()
+  config = default_config.get_config()
   config[field] = value
   with pytest.raises(config_validation.ConfigError) as error:
     config_validation.validate(config, num_devices=8)
@@ -139,7 +139,7 @@ def test_invalid_config_error_names_field_and_value(field, value, why):
 
 
 def test_unknown_eval_protocol_error_names_the_field_and_the_valid_ones():
-  config = default.get_config()
+  config = default_config.get_config()
   config.eval_protocols = 'dense,tencrop'
   with pytest.raises(config_validation.ConfigError,
                      match=r"^config.eval_protocols='dense,tencrop': expected .*multicrop"):
@@ -147,7 +147,7 @@ def test_unknown_eval_protocol_error_names_the_field_and_the_valid_ones():
 
 
 def test_paper_config_is_valid_and_reads_like_sec_3_1():
-  config = default.get_config()
+  config = default_config.get_config()
   config_validation.validate(config, num_devices=8)
   assert (config.batch_size, config.momentum, config.weight_decay) == (256, 0.9, 5e-4)
   assert (config.learning_rate, config.lr_plateau_factor, config.lr_max_decreases) == (

@@ -11,7 +11,7 @@ import numpy as np
 import orbax.checkpoint as ocp
 import pytest
 
-from experiments import default
+from vgg_jax import default_config
 from experiments import table3
 from vgg_jax import checkpoints
 from vgg_jax import config_validation
@@ -206,7 +206,7 @@ def test_accumulated_micro_batches_update_exactly_as_one_big_batch(digits_config
 
 
 def test_accumulation_that_does_not_split_the_device_batch_is_refused():
-  config = default.get_config()
+  config = default_config.get_config()
   config.grad_accum_steps = 3  # 256 / 8 devices = 32 per device.
   with pytest.raises(config_validation.ConfigError,
                      match=r'^config.grad_accum_steps=3: .*32 per device'):

@@ -11,7 +11,6 @@ restored, and is removed when the next run starts.
 """
 
 import dataclasses
-import importlib.util
 import json
 import os
 from typing import Optional, Sequence
@@ -39,8 +38,6 @@ BEFORE_THE_FIELD = {'sgd_form': 'pytorch'}
 # weights (vgg_jax.convert), where they came from.
 CLASS_NAMES = 'classes.json'
 SOURCE_RECORD = 'source.json'
-DEFAULT_CONFIG = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))),
-                              'experiments', 'default.py')
 
 
 class CheckpointWriteError(RuntimeError):
@@ -286,14 +283,6 @@ def seed_params(params: dict, config) -> dict:
                source_dir, source_config.variant, latest_step(source_dir), ', '.join(layers),
                ', '.join(l for l in params if l not in layers) or 'nothing')
   return params
-
-
-def default_config() -> ml_collections.ConfigDict:
-  """experiments/default.py's config: every field at the paper's settings."""
-  spec = importlib.util.spec_from_file_location('_vgg_jax_default_config', DEFAULT_CONFIG)
-  module = importlib.util.module_from_spec(spec)
-  spec.loader.exec_module(module)
-  return module.get_config()
 
 
 def save_params(workdir: str, params, config) -> None:

@@ -384,10 +384,11 @@ def save(output: str, variables: dict, fields: dict, source: str,
   `output` is never overwritten."""
   # Imported here: the conversion itself needs neither ml_collections nor Orbax.
   from vgg_jax import checkpoints  # pylint: disable=g-import-not-at-top
+  from vgg_jax import default_config  # pylint: disable=g-import-not-at-top
   if os.path.exists(checkpoints.checkpoint_dir(output)):
     raise ConversionError(f'--output={output!r} already holds checkpoints; choose a new '
                           'directory (nothing there was changed).')
-  config = checkpoints.default_config()
+  config = default_config.get_config()
   config.update(fields)
   norm = normalization(source)
   config.mean_rgb, config.std_rgb, config.channel_order = (

@@ -1,0 +1,131 @@
+"""Every field of a vgg_jax experiment, once, at the paper's ImageNet settings (Sec. 3.1).
+
+Other experiment files start from `get_config()` here and override only what differs.
+"""
+
+from typing import Optional
+
+import ml_collections
+from ml_collections import config_dict
+
+# The training scales of Table 3, by sweep argument: `--config=experiments/configD.py:S=384`.
+TRAINING_SCALES = {'S=256': 256, 'S=384': 384, 'S=256-512': (256, 512)}
+
+
+def set_training_scale(config: ml_collections.ConfigDict, arg: Optional[str]) -> None:
+  """Applies a config-file argument 'S=256', 'S=384' or 'S=256-512' (Table 3's columns)."""
+  if arg is None:
+    return
+  if arg not in TRAINING_SCALES:
+    raise ValueError(f'Config argument {arg!r}: expected one of {", ".join(TRAINING_SCALES)}, '
+                     'e.g. --config=experiments/configD.py:S=384.')
+  config.train_scale = TRAINING_SCALES[arg]
+
+
+def get_config(arg: Optional[str] = None) -> ml_collections.ConfigDict:
+  config = ml_collections.ConfigDict()
+
+  # Model (Table 1).
+  config.variant = 'A'  # 'A', 'A-LRN', 'B', 'C', 'D' or 'E'.
+  config.num_classes = 1000
+  config.width = 1.0  # Channel multiplier; 1.0 is the paper's net.
+  config.dtype = 'float32'  # Compute dtype ('bfloat16' too); parameters stay float32.
+  config.dropout_rate = 0.5
+  config.init = 'paper'  # 'paper': N(0, init_std^2), biases 0; or 'glorot'.
+  # The paper's "variance 1e-2" read as Caffe and torchvision read it: std 0.01 (std 0.1
+  # makes a ReLU VGG's signal grow ~5x per layer).
+  config.init_std = 0.01
+  # A narrower net or a smaller crop has smaller fan-ins, so the same std shrinks the signal
+  # less than in the paper's net. True: each layer's std is init_std * sqrt(its fan-in in the
+  # full-size net (width 1, 224 crop) / its fan-in here), so each layer scales the signal as
+  # the paper's does (the miniatures of docs/reproduction.md).
+  config.init_std_as_full_size = False
+  # How convolution kernel gradients are computed: 'conv' (XLA's convolution), 'matmul' (one
+  # matmul per kernel tap, 2-5x faster on CPU for large layers) or 'auto' (matmul on CPU for
+  # layers whose kernel gradient is >= 2**28 FLOPs). Same values.
+  config.weight_grad = 'auto'
+  # Start from another run's newest checkpoint, or imported weights (vgg_jax.convert), whose
+  # input normalisation the run then adopts. 'net_a' copies conv1_1, conv2_1, conv3_1,
+  # conv3_2, fc6, fc7, fc8 (deeper nets from net A, Sec. 3.1), 'all' every layer (S = 384 from
+  # S = 256, jittered S from S = 384), 'finetune' every layer but fc8 (a new set of classes).
+  # The rest is initialised as `init` says; the optimiser starts afresh.
+  config.init_from = config_dict.placeholder(str)
+  config.init_mode = 'net_a'
+  # Layers left as they are (transfer learning): comma-separated name prefixes, e.g. 'conv'
+  # (every convolution), 'conv1,conv2,conv3' (the first three blocks), 'conv,fc6'.
+  config.frozen_layers = ''
+
+  # Data.
+  config.dataset = 'imagenet2012'  # Any tfds image-classification dataset.
+  config.data_dir = config_dict.placeholder(str)  # tfds data_dir; None: tfds' default.
+  config.manual_dir = config_dict.placeholder(str)  # Where the ILSVRC-2012 tar files are.
+  config.train_split = 'train'
+  config.eval_split = 'validation'
+  config.image_size = 224  # Training crop.
+  # S: smallest image side after the isotropic rescale. An int is a fixed S; (Smin, Smax)
+  # draws S per image uniformly from [Smin, Smax] (scale jittering).
+  config.train_scale = config_dict.FieldReference(256, field_type=object)
+  # Q for single-scale evaluation; None: S, or (Smin + Smax) / 2 for a jittered S (Sec. 3.2).
+  config.eval_scale = config_dict.placeholder(int)
+  config.random_flip = True
+  # JPEGs: decode only the crop's window and resize it, rather than decoding and rescaling the
+  # whole image; the same crop up to a pixel's rounding, several times cheaper on the host.
+  config.decode_crop = True
+  config.color_shift_std = 0.1  # AlexNet PCA colour shift, alpha ~ N(0, std^2); 0 disables.
+  config.mean_rgb = (123.68, 116.779, 103.939)  # ILSVRC-2012 training-set mean, 0-255.
+  # The net sees (pixel - mean_rgb) / std_rgb, 0-255 units in RGB order, with its channels in
+  # channel_order. The paper: the mean only, RGB. Imported weights record their own
+  # (torchvision: std 255 * (0.229, 0.224, 0.225); Caffe and Keras: BGR); see vgg_jax.convert.
+  config.std_rgb = (1.0, 1.0, 1.0)
+  config.channel_order = 'RGB'
+  config.shuffle_buffer_size = 16_384
+  config.cache = False  # Keep encoded examples in memory (small datasets).
+  config.strict_data = False  # folder: datasets: a bad file fails preparation, else fixed/skipped.
+  config.max_image_pixels = 40_000_000  # folder: datasets: larger images downscaled when prepared.
+
+  # Test protocol (Sec. 3.2): `python -m vgg_jax.evaluate`, and during training.
+  config.test_scales = ()  # Q of multi-scale tests; (): S-32, S, S+32 or Smin, mid, Smax.
+  config.test_flip = True  # Average each test image / crop with its horizontal flip.
+  config.dense_batch_size = 32  # Whole images per dense-evaluation batch (global).
+  config.multicrop_batch_size = 8  # Images per multi-crop batch, 50 crops each (global).
+  # Dense inputs are padded up to multiples of dense_size_step and their long side cropped
+  # to dense_max_aspect * Q, bounding the distinct shapes, hence compilations, per scale.
+  config.dense_size_step = 64
+  config.dense_max_aspect = 2.0
+  # Protocols ('single', 'dense', 'multicrop', 'dense+multicrop' or 'all', comma-separated)
+  # also run during training, every eval_protocols_every_steps (-1: once, at the end).
+  config.eval_protocols = ''
+  config.eval_protocols_every_steps = -1
+
+  # Optimisation: mini-batch SGD with momentum and L2 weight decay (Sec. 3.1).
+  config.batch_size = 256  # Global, across all devices and hosts.
+  # Each device's share is run as grad_accum_steps micro-batches whose gradients are averaged
+  # before the update: the paper's batch of 256 on devices that hold fewer images.
+  config.grad_accum_steps = 1
+  config.eval_batch_size = 256
+  config.learning_rate = 0.01
+  config.momentum = 0.9
+  # Where the learning rate enters: 'caffe' (the paper's Caffe: v <- mu v - lr (g + wd w),
+  # w <- w + v; after a drop the buffer still carries the old rate's steps) or 'pytorch'
+  # (v <- mu v + g + wd w, w <- w - lr v; a drop shrinks the buffer at once).
+  config.sgd_form = 'caffe'
+  config.weight_decay = 5e-4  # On weights; biases are not decayed.
+  # The learning rate is divided by lr_plateau_factor when validation top-1 error has not
+  # improved for lr_plateau_patience evaluations, at most lr_max_decreases times.
+  config.lr_plateau_factor = 0.1
+  config.lr_plateau_patience = 3
+  config.lr_max_decreases = 3
+  config.num_epochs = 74.0  # 370K iterations at batch 256.
+  config.num_train_steps = -1  # > 0 overrides num_epochs.
+  # A step whose loss or gradients are NaN/inf never updates the parameters; False: training
+  # stops there, naming the step; True: such steps are skipped and counted.
+  config.skip_nonfinite_steps = False
+
+  # Bookkeeping.
+  config.log_every_steps = 100
+  config.eval_every_steps = -1  # -1: once per epoch.
+  config.checkpoint_every_steps = 5_000
+  config.keep_checkpoints = 3
+  config.seed = 0
+  set_training_scale(config, arg)
+  return config
