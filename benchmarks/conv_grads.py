@@ -3,9 +3,9 @@
 For every convolution and max-pool of a VGG net at a given size and batch, side by side in
 one run:
   * the kernel gradient as XLA's convolution (what `jax.grad` of `lax.conv_general_dilated`
-    gives) vs as one matmul per kernel tap (`models.shifted_matmul_weight_grad`);
+    gives) vs as one matmul per kernel tap (`ops.shifted_matmul_weight_grad`);
   * the 2x2 max-pool's gradient as XLA's select-and-scatter (`nn.max_pool`) vs
-    `models.max_pool_2x2`'s elementwise selects.
+    `ops.max_pool_2x2`'s elementwise selects.
 and, where PyTorch is installed, each convolution's forward pass in XLA and in PyTorch.
 Both gradient alternatives are checked to agree (kernel gradients to 1e-4 relative, pool gradients
 bitwise) before they are timed. On a 2-core CPU the XLA forms are several times slower on the
@@ -28,6 +28,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from vgg_jax import models
+from vgg_jax import ops
 from vgg_jax import summary
 
 FLAGS = flags.FLAGS
@@ -51,7 +52,7 @@ def median_seconds(fn, args, num_steps: int) -> float:
 
 
 def xla_weight_grad(x, grad, kernel):
-  return jax.vjp(lambda k: models._conv(x, k), kernel)[1](grad)[0]  # pylint: disable=protected-access
+  return jax.vjp(lambda k: ops.conv(x, k), kernel)[1](grad)[0]  # pylint: disable=protected-access
 
 
 def torch_forward_seconds(x, kernel, num_steps: int):
@@ -97,7 +98,7 @@ def main(argv):
       kernel = jnp.asarray(rng.normal(size=(kernel_size, kernel_size, previous[-1], shape[-1])),
                            jnp.float32)
       xla = jax.jit(xla_weight_grad)
-      matmul = jax.jit(lambda x, g, k=kernel_size: models.shifted_matmul_weight_grad(x, g, k))
+      matmul = jax.jit(lambda x, g, k=kernel_size: ops.shifted_matmul_weight_grad(x, g, k))
       expected, actual = xla(x, grad, kernel), matmul(x, grad)
       error = float(jnp.max(jnp.abs(actual - expected)) / jnp.max(jnp.abs(expected)))
       if error > 1e-4:
@@ -106,7 +107,7 @@ def main(argv):
                       'xla_s': median_seconds(xla, (x, grad, kernel), num_steps),
                       'vgg_jax_s': median_seconds(matmul, (x, grad), num_steps),
                       'relative_error': error,
-                      'forward_xla_s': median_seconds(jax.jit(models._conv), (x, kernel),  # pylint: disable=protected-access
+                      'forward_xla_s': median_seconds(jax.jit(ops.conv), (x, kernel),  # pylint: disable=protected-access
                                                       num_steps),
                       'forward_torch_s': torch_forward_seconds(x, kernel, num_steps)})
     elif name.startswith('pool'):
@@ -114,7 +115,7 @@ def main(argv):
       x = x.at[:, ::3].set(0.0)  # Ties, as ReLU leaves them.
       grad = jnp.asarray(rng.normal(size=(batch, *shape)), jnp.float32)
       xla = jax.jit(pool_grad(lambda v: nn.max_pool(v, (2, 2), strides=(2, 2))))
-      ours = jax.jit(pool_grad(models.max_pool_2x2))
+      ours = jax.jit(pool_grad(ops.max_pool_2x2))
       if not bool(jnp.all(xla(x, grad) == ours(x, grad))):
         raise AssertionError(f'{name}: max-pool gradients differ.')
       results.append({'layer': name, 'gradient': 'max-pool input', 'shape': [batch, *previous],

@@ -31,7 +31,7 @@ import numpy as np
 from vgg_jax import evaluation
 from vgg_jax import models
 from vgg_jax import preprocess
-from vgg_jax import steps
+from vgg_jax import protocol
 
 FLAGS = flags.FLAGS
 flags.DEFINE_enum('variant', 'D', list(models.VARIANTS), 'VGG configuration (Table 1).')
@@ -101,7 +101,7 @@ def main(argv):
   config = types.SimpleNamespace(variant=s['variant'], num_classes=s['num_classes'],
                                  dropout_rate=0.5, dtype=s['dtype'], width=s['width'],
                                  init='paper', init_std=0.01)
-  model = steps.create_model(config)
+  model = models.create_model(config)
   normalization = preprocess.Normalization()  # The paper's; it does not change the cost.
   device = jax.devices()[0]
 
@@ -120,17 +120,17 @@ def main(argv):
   sizes = np.tile(np.array([[q, long]], np.int32), (batch, 1))
   # Sec. 3.2's 5 x 5 grid of training-size crops of the same images (flips made on device).
   crops = np.stack([images[:, top:top + size, left:left + size]
-                    for top in evaluation.crop_offsets(q, size)
-                    for left in evaluation.crop_offsets(long, size)], axis=1)
+                    for top in protocol.crop_offsets(q, size)
+                    for left in protocol.crop_offsets(long, size)], axis=1)
 
   dense = lambda p, x, hw: evaluation.dense_posteriors(p, x, hw, model=model,
                                                         normalization=normalization)
   multicrop = lambda p, x: evaluation.multicrop_posteriors(p, x, model=model,
                                                            normalization=normalization)
   methods = {
-      evaluation.DENSE: (dense, (params, *jax.device_put((images, sizes), device)), 2),
-      evaluation.MULTICROP: (multicrop, (params, jax.device_put(crops, device)),
-                             2 * evaluation.CROP_GRID ** 2),
+      protocol.DENSE: (dense, (params, *jax.device_put((images, sizes), device)), 2),
+      protocol.MULTICROP: (multicrop, (params, jax.device_put(crops, device)),
+                             2 * protocol.CROP_GRID ** 2),
   }
   results = {}
   for name, (fn, args, views) in methods.items():
@@ -142,9 +142,9 @@ def main(argv):
         'gflops_per_image': (r['flops_per_batch'] / batch / 1e9 if r['flops_per_batch']
                              else None),
     }
-  ratio = results[evaluation.MULTICROP]['ms_per_image'] / results[evaluation.DENSE]['ms_per_image']
-  flops_ratio = (results[evaluation.MULTICROP]['gflops_per_image'] /
-                 results[evaluation.DENSE]['gflops_per_image']
+  ratio = results[protocol.MULTICROP]['ms_per_image'] / results[protocol.DENSE]['ms_per_image']
+  flops_ratio = (results[protocol.MULTICROP]['gflops_per_image'] /
+                 results[protocol.DENSE]['gflops_per_image']
                  if all(r['gflops_per_image'] for r in results.values()) else None)
 
   command = ' '.join(['python -m benchmarks.eval_cost', *sys.argv[1:]])

@@ -39,6 +39,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from vgg_jax import models
+from vgg_jax import ops
 from vgg_jax import preprocess
 from vgg_jax import steps
 from vgg_jax import summary
@@ -99,10 +100,10 @@ def settings() -> dict:
   unknown = [v for v in s['variants'] if v not in models.VARIANTS]
   if unknown:
     raise app.UsageError(f'--variants: unknown {unknown}; expected some of {models.VARIANTS}.')
-  bad_grads = [w for w in FLAGS.weight_grads if w not in models.WEIGHT_GRADS]
+  bad_grads = [w for w in FLAGS.weight_grads if w not in ops.WEIGHT_GRADS]
   if bad_grads:
     raise app.UsageError(f'--weight_grads: unknown {bad_grads}; expected some of '
-                         f'{models.WEIGHT_GRADS}.')
+                         f'{ops.WEIGHT_GRADS}.')
   bad = [d for d in s['dtypes'] if d not in ('float32', 'bfloat16')]
   if bad:
     raise app.UsageError(f'--dtypes: unknown {bad}; expected float32 and/or bfloat16.')

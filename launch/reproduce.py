@@ -30,6 +30,8 @@ from absl import app
 from absl import flags
 import numpy as np
 
+from vgg_jax import protocol
+
 FLAGS = flags.FLAGS
 
 GRID = 'experiments/mini/grid.py'
@@ -91,8 +93,8 @@ def test_run(workdir: str, full: bool) -> None:
   params = checkpoints.restore_params(workdir, config, checkpoints.latest_step(workdir))
   num_examples = builder.info.splits[config.eval_split].num_examples
   batches = functools.partial(input_pipeline.test_batch_iterator, builder, config)
-  single = evaluation.single_test_scale(config)
-  protocols = evaluation.PROTOCOLS if full else ('single',)
+  single = protocol.single_test_scale(config)
+  protocols = protocol.PROTOCOLS if full else ('single',)
   results, posts = evaluation.run(params, config, protocols, batches, num_examples)
   crop_results, crop_posts = evaluation.run(params, config, ('multicrop',), batches,
                                             num_examples, scales=(single,))
@@ -100,13 +102,13 @@ def test_run(workdir: str, full: bool) -> None:
                                                                    crop_posts)}
   if full:
     named.update({p: (p, results, posts) for p in ('dense', 'multicrop', 'dense+multicrop')})
-  summary = {key: {k: r[protocol][k] for k in ('top1_error', 'top5_error', 'num_examples',
-                                                'scales')}
-             for key, (protocol, r, _) in named.items()}
+  summary = {key: {k: r[name][k] for k in ('top1_error', 'top5_error', 'num_examples',
+                                            'scales')}
+             for key, (name, r, _) in named.items()}
   os.makedirs(os.path.join(workdir, 'eval'), exist_ok=True)
   np.savez_compressed(os.path.join(workdir, 'eval', 'posteriors.npz'),
                       labels=posts['single'].labels,
-                      **{key: p[protocol].probs for key, (protocol, _, p) in named.items()})
+                      **{key: p[name].probs for key, (name, _, p) in named.items()})
   with open(os.path.join(workdir, 'eval', 'mini.json'), 'w') as f:
     json.dump(summary, f, indent=2)
   del params
@@ -279,18 +281,17 @@ def report(root: str, quick: bool) -> str:
 
   # Claim 1: initialisation (Sec. 3.1).
   present = [n for n in INIT_RUNS if _final(root, n) is not None]
-  lines += ['## 1. Initialisation (Sec. 3.1)', '',
-            '| run | initialisation | top-1 err. (%) | train loss, last logged | '
-            'non-finite steps skipped |', '|---|---|---|---|---|']
-  losses = {}
+  lines += ['## 1. Initialisation (Sec. 3.1)', '']
+  losses, rows = {}, []
   for name in present:
     scalars = plots.read_scalars(os.path.join(root, name))
     loss = scalars.get('train/loss', (None, np.array([np.nan])))[1][-1]
     skipped = scalars.get('train/nonfinite', (None, np.array([0.0])))[1]
     losses[name] = loss
-    lines.append(f'| {name} | {INIT_RUNS[name]} | {100 * _final(root, name)["top1_error"]:.1f} | '
-                 f'{loss:.4f} | '
-                 f'{"yes" if skipped.max() > 0 else "no"} |')
+    rows.append([name, INIT_RUNS[name], f'{100 * _final(root, name)["top1_error"]:.1f}',
+                 f'{loss:.4f}', 'yes' if skipped.max() > 0 else 'no'])
+  lines += paper.markdown_table(['run', 'initialisation', 'top-1 err. (%)',
+                                  'train loss, last logged', 'non-finite steps skipped'], rows)
   if present:
     plots.compare_runs({n: [os.path.join(root, n)] for n in present}, 'train/loss',
                        os.path.join(figures, 'init_loss.png'),
@@ -321,18 +322,19 @@ def report(root: str, quick: bool) -> str:
   table3 = [('A', '36'), ('A-LRN', '36'), ('B', '36'), ('C', '36'), ('D', '36'), ('E', '36'),
             ('D', '54'), ('D', '36-72'), ('E', '36-72')]
   paper_scale = {'36': 256, '54': 384, '36-72': paper.JITTERED}
-  lines += ['## 2-4. Single test scale (Table 3)', '',
-            '| ConvNet | train S | test Q | dense top-1 err. (%) | multi-crop top-1 err. (%) | '
-            'multi-crop top-5 (%) | paper top-1 / top-5 (%) |', '|---|---|---|---|---|---|---|']
+  rows = []
   for net, scale in table3:
     n = names(net, scale)
     q = {'36': 36, '54': 54, '36-72': 54}[scale]
     ref = paper.TABLE3.get((net, paper_scale[scale]))
     top5 = r.top5(n, 'multicrop@Q')
-    lines.append(f'| {net} | {scale} | {q} | {_cell(r.wrong(n, "dense@Q"), seeds)} | '
-                 f'{_cell(r.wrong(n, "multicrop@Q"), seeds)} | '
-                 f'{"n/a" if top5 is None else f"{100 * top5:.1f}"} | '
-                 f'{"—" if ref is None else f"{ref[0]} / {ref[1]}"} |')
+    rows.append([net, scale, q, _cell(r.wrong(n, 'dense@Q'), seeds),
+                 _cell(r.wrong(n, 'multicrop@Q'), seeds),
+                 'n/a' if top5 is None else f'{100 * top5:.1f}',
+                 '—' if ref is None else f'{ref[0]} / {ref[1]}'])
+  lines += ['## 2-4. Single test scale (Table 3)', '', *paper.markdown_table(
+      ['ConvNet', 'train S', 'test Q', 'dense top-1 err. (%)', 'multi-crop top-1 err. (%)',
+       'multi-crop top-5 (%)', 'paper top-1 / top-5 (%)'], rows)]
   diff = lambda a, b, key='multicrop@Q': (None if r.wrong(a, key) is None or r.wrong(b, key)
                                           is None else paired_difference(r.wrong(a, key),
                                                                          r.wrong(b, key)))
@@ -351,9 +353,7 @@ def report(root: str, quick: bool) -> str:
                    f'A-LRN - A: {_diff_text(d)}'))
 
   # Claim 4: scale jittering (Tables 3-4).
-  lines += ['', '## 4-5. Three test scales: dense, multi-crop, both (Tables 4-5)', '',
-            '| ConvNet | train S | test Q | dense | multi-crop | dense + multi-crop | '
-            'paper dense / multi-crop / both top-1 (%) |', '|---|---|---|---|---|---|---|']
+  rows = []
   for net, scale in (('D', '36'), ('D', '54'), ('D', '36-72'), ('E', '36'), ('E', '36-72')):
     n = names(net, scale)
     key = (net, paper_scale[scale])
@@ -362,9 +362,13 @@ def report(root: str, quick: bool) -> str:
                                       t5.get('multicrop', ('—',))[0],
                                       t5.get('dense+multicrop', ('—',))[0]))
     qs = {'36': '32, 36, 40', '54': '50, 54, 58', '36-72': '36, 54, 72'}[scale]
-    lines.append(f'| {net} | {scale} | {qs} | {_cell(r.wrong(n, "dense"), seeds)} | '
-                 f'{_cell(r.wrong(n, "multicrop"), seeds)} | '
-                 f'{_cell(r.wrong(n, "dense+multicrop"), seeds)} | {ref} |')
+    rows.append([net, scale, qs, _cell(r.wrong(n, 'dense'), seeds),
+                 _cell(r.wrong(n, 'multicrop'), seeds), _cell(r.wrong(n, 'dense+multicrop'), seeds),
+                 ref])
+  lines += ['', '## 4-5. Three test scales: dense, multi-crop, both (Tables 4-5)', '',
+            *paper.markdown_table(['ConvNet', 'train S', 'test Q', 'dense', 'multi-crop',
+                                    'dense + multi-crop',
+                                    'paper dense / multi-crop / both top-1 (%)'], rows)]
   jit = names('D', '36-72')
   for fixed in ('36', '54'):
     d = diff(jit, names('D', fixed), 'multicrop')
@@ -395,13 +399,13 @@ def report(root: str, quick: bool) -> str:
                        verdict(d, 'not lower'), f'{other} - (dense+multicrop): {_diff_text(d)}'))
   # Claim 6: fusion (Table 6).
   pairs = [(f'D_S36-72_s{s}', f'E_S36-72_s{s}') for s in range(seeds)]
+  rows = [[key, _cell(r.wrong(names('D', '36-72'), key), seeds),
+           _cell(r.wrong(names('E', '36-72'), key), seeds),
+           _cell(r.fused_wrong(pairs, key), seeds), paper.TABLE6[key][0]]
+          for key in ('dense', 'multicrop', 'dense+multicrop')]
   lines += ['', '## 6. Fusion of D and E, S in [36, 72], three test scales (Table 6)', '',
-            '| method | D | E | D + E fused | paper D + E top-1 (%) |', '|---|---|---|---|---|']
-  for key in ('dense', 'multicrop', 'dense+multicrop'):
-    fused = r.fused_wrong(pairs, key)
-    lines.append(f'| {key} | {_cell(r.wrong(names("D", "36-72"), key), seeds)} | '
-                 f'{_cell(r.wrong(names("E", "36-72"), key), seeds)} | {_cell(fused, seeds)} | '
-                 f'{paper.TABLE6[key][0]} |')
+            *paper.markdown_table(['method', 'D', 'E', 'D + E fused', 'paper D + E top-1 (%)'],
+                                   rows)]
   fused = r.fused_wrong(pairs, 'multicrop')
   for net in ('D', 'E'):
     member = r.wrong(names(net, '36-72'), 'multicrop')
@@ -412,17 +416,17 @@ def report(root: str, quick: bool) -> str:
   # Claim 7: Appendix B.
   probe_path = os.path.join(root, 'B_0to4', 'linear_probe.json')
   lines += ['', '## 7. Generalisation to unseen classes (Appendix B)', '',
-            'Net B trained on digits 0-4 only; a linear SVM on descriptors of digits 5-9.', '',
-            '| descriptor | dimensions | SVM C | top-1 err. (%) on 5-9 |', '|---|---|---|---|']
+            'Net B trained on digits 0-4 only; a linear SVM on descriptors of digits 5-9.', '']
+  rows = []
   if os.path.exists(probe_path):
     with open(probe_path) as f:
       probes = json.load(f)
     for key, p in probes.items():
       n_wrong = round(p['top1_error'] * p['num_test'])
       low, high = wilson(n_wrong, p['num_test'])
-      lines.append(f'| {key.split(":", 1)[1]} (Q = {", ".join(map(str, p["scales"]))}) | '
-                   f'{p["dimensions"]} | {p["svm_c"]:g} | {100 * p["top1_error"]:.1f} '
-                   f'[{100 * low:.1f}, {100 * high:.1f}] |')
+      rows.append([f'{key.split(":", 1)[1]} (Q = {", ".join(map(str, p["scales"]))})',
+                   p['dimensions'], f'{p["svm_c"]:g}',
+                   f'{100 * p["top1_error"]:.1f} [{100 * low:.1f}, {100 * high:.1f}]'])
     net = probes.get('scaled_digits/5to9:net:fc7:average')
     for base in ('random:fc7:average', 'pixels'):
       other = probes.get(f'scaled_digits/5to9:{base}')
@@ -434,8 +438,10 @@ def report(root: str, quick: bool) -> str:
         verdicts.append((f'Appendix B: trained-net descriptors below {base.split(":")[0]}',
                          verdict(d, 'lower'), f'difference {_diff_text(d)}'))
 
-  lines += ['', '## Verdicts', '', '| claim | verdict | numbers |', '|---|---|---|']
-  lines += [f'| {c} | **{v}** | {n} |' for c, v, n in verdicts]
+  lines += paper.markdown_table(['descriptor', 'dimensions', 'SVM C', 'top-1 err. (%) on 5-9'],
+                                 rows)
+  lines += ['', '## Verdicts', '', *paper.markdown_table(
+      ['claim', 'verdict', 'numbers'], [(c, f'**{v}**', n) for c, v, n in verdicts])]
   # Curves of the depth runs, as the training loop logged them.
   depth = {net: [os.path.join(root, n) for n in names(net, '36')
                  if os.path.exists(os.path.join(root, n, 'tensorboard'))]

@@ -18,7 +18,6 @@ it stopped (an interrupted run resumes from its checkpoint).
 --only=NAME,... runs a subset; their dependencies must be selected too or finished.
 """
 
-import importlib.util
 import os
 import subprocess
 import sys
@@ -31,6 +30,7 @@ from launch import common
 from launch import local
 from launch import slurm
 from launch import tpu
+from vgg_jax import cli
 
 FLAGS = flags.FLAGS
 flags.DEFINE_enum('target', 'local', ['local', 'tpu', 'slurm'], 'Where the runs go.')
@@ -45,13 +45,10 @@ def load_grid(grid: str) -> list[Any]:
   """`get_runs()` of the grid file at `grid`, imported by path (it need not be a package);
   'FILE:ARG' calls `get_runs(ARG)`, as config files take an argument."""
   path, _, arg = grid.partition(':')
-  spec = importlib.util.spec_from_file_location(
-      '_vgg_jax_grid_' + os.path.splitext(os.path.basename(path))[0], path)
-  if spec is None:
-    raise app.UsageError(f'{path}: not a Python file.')
-  module = importlib.util.module_from_spec(spec)
-  sys.modules[spec.name] = module  # dataclasses look their module up while being defined.
-  spec.loader.exec_module(module)
+  try:
+    module = cli.load_file(path)
+  except ValueError as e:
+    raise app.UsageError(str(e)) from e
   return list(module.get_runs(arg) if arg else module.get_runs())
 
 

@@ -20,11 +20,12 @@ import pytest
 import tensorflow as tf
 import tensorflow_datasets as tfds
 
-from vgg_jax import config_validation
+from vgg_jax import errors
 from vgg_jax import evaluation
 from vgg_jax import input_pipeline
 from vgg_jax import models
 from vgg_jax import preprocess
+from vgg_jax import protocol
 from vgg_jax import report
 from tests.test_train import REPO, run_main
 
@@ -225,13 +226,13 @@ def test_test_scales_follow_the_paper():
   def config(train_scale, test_scales=()):
     return ml_collections.ConfigDict({'train_scale': train_scale, 'eval_scale': None,
                                       'test_scales': test_scales})
-  assert evaluation.test_scales(config(256)) == (224, 256, 288)
-  assert evaluation.single_test_scale(config(256)) == 256
-  assert evaluation.test_scales(config((256, 512))) == (256, 384, 512)
-  assert evaluation.single_test_scale(config((256, 512))) == 384
-  assert evaluation.test_scales(config((256, 512), (300, 400))) == (300, 400)
+  assert protocol.test_scales(config(256)) == (224, 256, 288)
+  assert protocol.single_test_scale(config(256)) == 256
+  assert protocol.test_scales(config((256, 512))) == (256, 384, 512)
+  assert protocol.single_test_scale(config((256, 512))) == 384
+  assert protocol.test_scales(config((256, 512), (300, 400))) == (300, 400)
   with pytest.raises(ValueError, match='>= 224'):
-    evaluation.check_scales((200, 256), 224)
+    protocol.check_scales((200, 256), 224)
 
 
 @contextlib.contextmanager
@@ -254,18 +255,18 @@ def test_dense_compiles_once_per_shape_bucket_not_per_image(photos_config):
   model, params = tiny_net()
   model = model.clone(num_classes=3)
   params = model.init(jax.random.key(1), jnp.zeros((1, 64, 64, 3)))['params']
-  step = evaluation.pmap_posteriors(evaluation.DENSE, model,
+  step = evaluation.pmap_posteriors(protocol.DENSE, model,
                                     preprocess.Normalization.from_config(config))
-  bound = evaluation.dense_shapes_bound(64, config)
+  bound = protocol.dense_shapes_bound(64, config)
   assert bound == 5  # 64x64, 64x96, 96x64, 64x128, 128x64.
   with count_compilations() as compiles:
     post = evaluation.posteriors(step, params, input_pipeline.test_batch_iterator(
-        builder, config, evaluation.DENSE, 64))
+        builder, config, protocol.DENSE, 64))
   assert len(post.labels) == 13
   assert 1 < len(compiles) == len(post.shapes) <= bound
   with count_compilations() as again:
     evaluation.posteriors(step, params, input_pipeline.test_batch_iterator(
-        builder, config, evaluation.DENSE, 64))
+        builder, config, protocol.DENSE, 64))
   assert not again
 
 
@@ -273,11 +274,11 @@ def test_multicrop_compiles_once_whatever_the_image_shapes(photos_config):
   builder = input_pipeline.get_builder(photos_config)
   model = models.VGG('A', num_classes=3, width=1 / 16)
   params = model.init(jax.random.key(2), jnp.zeros((1, 64, 64, 3)))['params']
-  step = evaluation.pmap_posteriors(evaluation.MULTICROP, model,
+  step = evaluation.pmap_posteriors(protocol.MULTICROP, model,
                                     preprocess.Normalization((0.0, 0.0, 0.0)))
   with count_compilations() as compiles:
     post = evaluation.posteriors(step, params, input_pipeline.test_batch_iterator(
-        builder, photos_config, evaluation.MULTICROP, 80))
+        builder, photos_config, protocol.MULTICROP, 80))
   assert len(post.labels) == 13 and len(compiles) == 1
 
 
@@ -291,7 +292,7 @@ def split_labels(config) -> np.ndarray:
   return np.array([int(ex['label']) for ex in tfds.as_numpy(ds)])
 
 
-@pytest.mark.parametrize('method,batch', [(evaluation.DENSE, 48), (evaluation.MULTICROP, 16)])
+@pytest.mark.parametrize('method,batch', [(protocol.DENSE, 48), (protocol.MULTICROP, 16)])
 def test_every_example_is_scored_once_when_the_split_is_not_a_multiple_of_the_batch(
     digits_config, method, batch):
   config = digits_config.copy_and_resolve_references()
@@ -323,7 +324,7 @@ def test_processes_split_the_examples_so_each_is_counted_once(digits_config, mon
   for process in range(3):
     monkeypatch.setattr(jax, 'process_index', lambda p=process: p)
     mine = {}
-    for batch in input_pipeline.test_batch_iterator(builder, config, evaluation.DENSE, 32):
+    for batch in input_pipeline.test_batch_iterator(builder, config, protocol.DENSE, 32):
       assert batch['image'].shape[:2] == (8, 2)  # 48 / 3 processes over 8 devices.
       mask = batch['mask'].reshape(-1)
       mine.update(zip(batch['index'].reshape(-1)[mask], batch['label'].reshape(-1)[mask]))
@@ -333,7 +334,7 @@ def test_processes_split_the_examples_so_each_is_counted_once(digits_config, mon
 
 
 def test_protocols_average_the_right_passes():
-  passes = evaluation.protocol_passes(evaluation.PROTOCOLS, 384, (256, 384, 512))
+  passes = protocol.protocol_passes(protocol.PROTOCOLS, 384, (256, 384, 512))
   assert passes['single'] == [('dense', 384)]
   assert passes['dense'] == [('dense', 256), ('dense', 384), ('dense', 512)]
   assert passes['multicrop'] == [('multicrop', 256), ('multicrop', 384), ('multicrop', 512)]
@@ -353,10 +354,10 @@ def test_fusion_averages_posteriors_and_refuses_different_examples():
 
 
 def test_unknown_protocol_is_refused_naming_the_valid_ones():
-  assert config_validation.parse_protocols('all') == evaluation.PROTOCOLS
-  assert config_validation.parse_protocols('dense, multicrop') == ('dense', 'multicrop')
-  with pytest.raises(config_validation.ConfigError, match="--protocol='crops'.*single"):
-    config_validation.parse_protocols('crops')
+  assert protocol.parse_protocols('all') == protocol.PROTOCOLS
+  assert protocol.parse_protocols('dense, multicrop') == ('dense', 'multicrop')
+  with pytest.raises(errors.ConfigError, match="--protocol='crops'.*single"):
+    protocol.parse_protocols('crops')
 
 
 # ---------------------------------------------------------------------------------------------
@@ -432,10 +433,10 @@ def test_two_hosts_count_every_example_once_and_agree_with_one_host(tmp_path, di
     assert worker.returncode == 0, err[-3000:]
     line = next(l for l in out.splitlines() if l.startswith('RESULTS '))
     two_hosts = json.loads(line[len('RESULTS '):])
-    for protocol, (count, top1, top5) in two_hosts.items():
+    for name, (count, top1, top5) in two_hosts.items():
       assert count == 360
-      assert top1 == pytest.approx(one_host[protocol]['top1_error'], abs=1e-9)
-      assert top5 == pytest.approx(one_host[protocol]['top5_error'], abs=1e-9)
+      assert top1 == pytest.approx(one_host[name]['top1_error'], abs=1e-9)
+      assert top5 == pytest.approx(one_host[name]['top5_error'], abs=1e-9)
 
 
 def run_evaluate(*args) -> subprocess.CompletedProcess:

@@ -21,7 +21,7 @@ import tensorflow as tf
 import tensorflow_datasets as tfds
 
 from experiments import digits
-from vgg_jax import config_validation
+from vgg_jax import errors
 from vgg_jax import input_pipeline
 from vgg_jax.datasets import image_folder
 
@@ -521,7 +521,7 @@ def test_strict_mode_fails_naming_the_file_and_prepares_nothing(tmp_path, case):
   _small_folder(str(root), {f'train/coffee/{name}': data})
   max_pixels = 5000 if case == 'huge' else image_folder.DEFAULT_MAX_IMAGE_PIXELS
   config = _folder_config(root, tmp_path / 'tfds', strict_data=True, max_image_pixels=max_pixels)
-  with pytest.raises(config_validation.ConfigError) as error:
+  with pytest.raises(errors.ConfigError) as error:
     input_pipeline.get_builder(config)
   path = os.path.join(str(root), 'train', 'coffee', name)
   assert str(error.value).startswith(f'config.strict_data=True: {path} {problem}')
@@ -557,7 +557,7 @@ def test_class_without_a_usable_image_fails(tmp_path):
   root = tmp_path / 'photos'
   _small_folder(str(root), {'train/dog/notes.txt': b'todo: add dogs', 'train/dog/x.jpg': b''})
   config = _folder_config(root, tmp_path / 'tfds')
-  with pytest.raises(config_validation.ConfigError,
+  with pytest.raises(errors.ConfigError,
                      match=r"^config.dataset='folder:.*/train/dog has no usable image \(skipped: "
                      r'notes.txt \(not an image\), x.jpg \(empty'):
     input_pipeline.get_builder(config)
@@ -566,7 +566,7 @@ def test_class_without_a_usable_image_fails(tmp_path):
 
 def test_layout_errors(tmp_path):
   def error(root, **overrides):
-    with pytest.raises(config_validation.ConfigError) as e:
+    with pytest.raises(errors.ConfigError) as e:
       input_pipeline.get_builder(_folder_config(root, tmp_path / 'tfds', **overrides))
     return str(e.value)
 

@@ -19,9 +19,10 @@ from scipy import stats
 import tensorflow as tf
 import tensorflow_datasets as tfds
 
-from vgg_jax import config_validation
+from vgg_jax import errors
 from vgg_jax import input_pipeline
 from vgg_jax import preprocess
+from vgg_jax import protocol
 from vgg_jax import steps
 
 NUM_DEVICES = 8
@@ -166,6 +167,19 @@ def test_rescale_makes_smallest_side_s_and_keeps_aspect_ratio(photos, smallest_s
     short, long = min(h, w), max(h, w)
     expected_long = round(long * smallest_side / short)
     assert abs(max(oh, ow) - expected_long) <= 1, (name, out.shape, expected_long)
+
+
+def test_rescaled_shape_is_the_same_rule_in_python_and_in_tensorflow():
+  """inference rescales photos with protocol.rescaled_shape, the pipeline with its TF form."""
+  rng = np.random.default_rng(0)
+  shapes = [(h, w) for h, w in rng.integers(17, 1200, size=(300, 2))] + [(300, 300), (1, 5)]
+  for height, width in shapes:
+    for side in (32, 36, 224, 256, 384, 512):
+      expected = protocol.rescaled_shape(int(height), int(width), side)
+      got = tuple(input_pipeline.rescaled_shape(tf.constant([height, width]), side).numpy())
+      assert got == expected, (height, width, side)
+      short, long = sorted((height, width))
+      assert min(expected) == side and abs(max(expected) - long * side / short) <= 0.5
 
 
 @pytest.mark.parametrize('name,smallest_side', [('coffee', 256), ('coffee_portrait', 224),
@@ -554,7 +568,7 @@ def test_imagenet_without_archives_raises_naming_the_files_and_the_directory(
   manual_dir.mkdir()
   config = config_copy(digits_config, dataset='imagenet2012',
                        data_dir=str(tmp_path / 'tfds'), manual_dir=str(manual_dir))
-  with pytest.raises(config_validation.ConfigError) as error:
+  with pytest.raises(errors.ConfigError) as error:
     input_pipeline.get_builder(config)
   message = str(error.value)
   for expected in ('ILSVRC2012_img_train.tar', 'ILSVRC2012_img_val.tar', str(manual_dir)):
@@ -563,7 +577,7 @@ def test_imagenet_without_archives_raises_naming_the_files_and_the_directory(
 
   # With the training archive in place, only the validation archive is named.
   (manual_dir / 'ILSVRC2012_img_train.tar').write_bytes(b'')
-  with pytest.raises(config_validation.ConfigError) as error:
+  with pytest.raises(errors.ConfigError) as error:
     input_pipeline.get_builder(config)
   assert 'ILSVRC2012_img_val.tar' in str(error.value)
   assert 'ILSVRC2012_img_train.tar' not in str(error.value)

@@ -14,6 +14,7 @@ import numpy as np
 import pytest
 
 from vgg_jax import models
+from vgg_jax import ops
 
 
 def fresh_rng() -> np.random.Generator:
@@ -476,9 +477,9 @@ def test_matmul_kernel_gradient_equals_the_convolutions_gradient(kernel_size):
   x = jnp.asarray(rng.normal(size=(3, 12, 10, 5)), jnp.float32)
   kernel = jnp.asarray(rng.normal(size=(kernel_size, kernel_size, 5, 7)), jnp.float32)
   grad = jnp.asarray(rng.normal(size=(3, 12, 10, 7)), jnp.float32)
-  value, vjp = jax.vjp(models.conv_matmul_weight_grad, x, kernel)
+  value, vjp = jax.vjp(ops.conv_matmul_weight_grad, x, kernel)
   grad_x, grad_kernel = vjp(grad)
-  xla_value, xla_vjp = jax.vjp(models._conv, x, kernel)  # pylint: disable=protected-access
+  xla_value, xla_vjp = jax.vjp(ops.conv, x, kernel)  # pylint: disable=protected-access
   xla_grad_x, _ = xla_vjp(grad)
   assert relative_error(grad_kernel, numpy_kernel_grad(x, grad, kernel_size)) < 1e-5
   np.testing.assert_array_equal(value, xla_value)
@@ -491,14 +492,14 @@ def test_max_pool_2x2_has_max_pools_values_and_gradients_bitwise_ties_included()
   x = jnp.maximum(x, 0.0).at[:, :2].set(1.5)  # Zeros and whole windows of equal values.
   grad = jnp.asarray(rng.normal(size=(2, 4, 3, 4)), jnp.float32)
   reference = lambda v: nn.max_pool(v, (2, 2), strides=(2, 2))
-  value, vjp = jax.vjp(models.max_pool_2x2, x)
+  value, vjp = jax.vjp(ops.max_pool_2x2, x)
   expected_value, expected_vjp = jax.vjp(reference, x)
   np.testing.assert_array_equal(value, expected_value)
   np.testing.assert_array_equal(vjp(grad)[0], expected_vjp(grad)[0])
   # Each window's gradient lands on exactly one input: its first maximum.
   assert int(jnp.sum(vjp(jnp.ones_like(grad))[0] != 0)) == grad.size
   odd = jnp.asarray(rng.normal(size=(1, 5, 7, 2)), jnp.float32)
-  np.testing.assert_array_equal(models.max_pool_2x2(odd), reference(odd))
+  np.testing.assert_array_equal(ops.max_pool_2x2(odd), reference(odd))
 
 
 def test_every_weight_grad_choice_gives_the_same_network_gradients():

@@ -21,7 +21,7 @@ from tests.test_evaluation import count_compilations
 from tests.test_steps import device_split, fresh_rng, random_batch, small_config
 from tests.test_train import REPO, restored_params
 from vgg_jax import checkpoints
-from vgg_jax import config_validation
+from vgg_jax import errors
 from vgg_jax import steps
 from vgg_jax import train
 
@@ -222,7 +222,7 @@ def test_resuming_with_other_parameter_shapes_fails_before_building_anything(
   changed = config.copy_and_resolve_references()
   changed[field] = value
   with count_compilations() as compiled:
-    with pytest.raises(config_validation.ConfigError) as error:
+    with pytest.raises(errors.ConfigError) as error:
       train.train_and_evaluate(changed, str(tmp_path))
   assert str(error.value).startswith(f'config.{field}={value!r}: '), error.value
   assert f'{field}={config[field]!r}' in str(error.value) and not compiled
@@ -300,7 +300,7 @@ def test_bad_run_fails_in_one_line_naming_field_and_value_before_compiling(
   for name, value in overrides.items():
     config[name] = value(tmp_path, config) if callable(value) else value
   with count_compilations() as compiled:
-    with pytest.raises(config_validation.ConfigError) as error:
+    with pytest.raises(errors.ConfigError) as error:
       train.train_and_evaluate(config, str(tmp_path / 'run'))
   message = str(error.value)
   assert message.startswith(f'config.{field}={config[field]!r}: '), message
@@ -311,7 +311,7 @@ def test_bad_run_fails_in_one_line_naming_field_and_value_before_compiling(
 def test_unwritable_workdir_fails_naming_it_before_compiling(tmp_path, digits_config):
   workdir = _not_a_directory(tmp_path, None)
   with count_compilations() as compiled:
-    with pytest.raises(config_validation.ConfigError,
+    with pytest.raises(errors.ConfigError,
                        match=rf"^--workdir='{re.escape(workdir)}': cannot write there"):
       train.train_and_evaluate(tiny_config(digits_config), workdir)
   assert not compiled

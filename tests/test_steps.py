@@ -11,6 +11,8 @@ import pytest
 
 from experiments import digits
 from vgg_jax import config_validation
+from vgg_jax import errors
+from vgg_jax import models
 from vgg_jax import steps
 
 NUM_DEVICES = 8
@@ -55,7 +57,7 @@ def test_eight_device_step_equals_single_device_sgd_on_the_whole_batch():
   config = small_config(dropout_rate=0.0, color_shift_std=0.0, weight_decay=5e-2)
   rng = fresh_rng()
   state = steps.create_train_state(config, jax.random.key(rng.integers(1 << 30)), 32)
-  model = steps.create_model(config)
+  model = models.create_model(config)
   batches = [random_batch(rng, 32) for _ in range(2)]
 
   p_train_step = steps.pmap_train_step(config, donate=False)
@@ -93,7 +95,7 @@ def test_frozen_layers_stay_put_while_the_rest_takes_the_sgd_step_of_the_full_lo
   config = small_config(dropout_rate=0.0, color_shift_std=0.0, frozen_layers='conv,fc6')
   rng = fresh_rng()
   state = steps.create_train_state(config, jax.random.key(rng.integers(1 << 30)), 32)
-  model = steps.create_model(config)
+  model = models.create_model(config)
   momentum_sizes = sum(x.size for x in jax.tree.leaves(state.opt_state))
   trained = ('fc7', 'fc8')
   params0 = jax.device_get(state.params)
@@ -130,7 +132,7 @@ def test_frozen_layers_stay_put_while_the_rest_takes_the_sgd_step_of_the_full_lo
 def test_frozen_layers_must_name_layers_and_leave_one_to_train():
   for frozen, message in (('conv9', "'conv9' names no layer of net A"),
                           ('conv,fc', 'freezes every layer')):
-    with pytest.raises(config_validation.ConfigError, match=message):
+    with pytest.raises(errors.ConfigError, match=message):
       config_validation.validate(small_config(frozen_layers=frozen), NUM_DEVICES)
 
 
@@ -243,7 +245,7 @@ def test_plateau_scale_multiplies_the_sgd_update():
   assert np.abs(full_update).max() > 100 * 1e-6 * np.abs(w0).max()
 
 
-@pytest.mark.parametrize('form', config_validation.SGD_FORMS)
+@pytest.mark.parametrize('form', steps.SGD_FORMS)
 def test_sgd_forms_follow_their_update_rules_across_a_learning_rate_drop(form):
   """Sec. 3.1's SGD as Caffe ran it (the rate scales the gradient before the momentum buffer)
   and as PyTorch runs it (the rate scales the buffer), written out in numpy over five steps
@@ -282,7 +284,7 @@ def test_sgd_forms_agree_at_a_constant_rate_and_differ_after_a_drop():
   params = {'fc8': {'kernel': rng.normal(size=(4, 3)), 'bias': rng.normal(size=(3,))}}
   grads = {'fc8': {'kernel': np.ones((4, 3)), 'bias': np.ones((3,))}}
   last = {}
-  for form in config_validation.SGD_FORMS:
+  for form in steps.SGD_FORMS:
     tx = steps.create_optimizer(small_config(sgd_form=form, weight_decay=0.0))
     state, sizes = tx.init(params), []
     for scale in (1.0, 1.0, 0.1):
@@ -303,7 +305,7 @@ def test_eval_step_sums_exactly_over_unmasked_examples():
   batch = random_batch(rng, 64)
   batch['mask'] = rng.random(64) < 0.7
   sums = jax.device_get(steps.pmap_eval_step(config)(state, device_split(batch)))
-  model = steps.create_model(config)
+  model = models.create_model(config)
   images = jnp.asarray(batch['image'], jnp.float32) - jnp.asarray(MEAN_RGB)
   logits = np.asarray(model.apply({'params': state.params}, images), np.float64)
   keep = batch['mask']

@@ -10,10 +10,12 @@ import jax
 import numpy as np
 import pytest
 
-from vgg_jax import default_config
 from experiments import digits
 from vgg_jax import checkpoints
 from vgg_jax import config_validation
+from vgg_jax import default_config
+from vgg_jax import errors
+from vgg_jax import protocol
 from vgg_jax import steps
 from vgg_jax import train
 
@@ -98,7 +100,7 @@ def test_bad_config_fails_before_anything_is_written(tmp_path, digits_config):
 def test_class_count_mismatch_names_the_dataset_classes(tmp_path, digits_config):
   config = digits_config.copy_and_resolve_references()
   config.num_classes = 1000
-  with pytest.raises(config_validation.ConfigError, match=r'num_classes=1000.*10 classes'):
+  with pytest.raises(errors.ConfigError, match=r'num_classes=1000.*10 classes'):
     train.train_and_evaluate(config, str(tmp_path))
 
 
@@ -131,7 +133,7 @@ BAD_CONFIGS = [
 def test_invalid_config_error_names_field_and_value(field, value, why):
   config = default_config.get_config()
   config[field] = value
-  with pytest.raises(config_validation.ConfigError) as error:
+  with pytest.raises(errors.ConfigError) as error:
     config_validation.validate(config, num_devices=8)
   message = str(error.value)
   assert message.startswith(f'config.{field}={value!r}:'), message
@@ -141,7 +143,7 @@ def test_invalid_config_error_names_field_and_value(field, value, why):
 def test_unknown_eval_protocol_error_names_the_field_and_the_valid_ones():
   config = default_config.get_config()
   config.eval_protocols = 'dense,tencrop'
-  with pytest.raises(config_validation.ConfigError,
+  with pytest.raises(errors.ConfigError,
                      match=r"^config.eval_protocols='dense,tencrop': expected .*multicrop"):
     config_validation.validate(config, num_devices=8)
 
@@ -153,5 +155,5 @@ def test_paper_config_is_valid_and_reads_like_sec_3_1():
   assert (config.learning_rate, config.lr_plateau_factor, config.lr_max_decreases) == (
       0.01, 0.1, 3)
   assert (config.num_epochs, config.dropout_rate, config.image_size) == (74, 0.5, 224)
-  assert config_validation.scale_bounds(config.train_scale) == (256, 256)
-  assert config_validation.scale_bounds((256, 512)) == (256, 512)
+  assert protocol.scale_bounds(config.train_scale) == (256, 256)
+  assert protocol.scale_bounds((256, 512)) == (256, 512)

@@ -11,10 +11,11 @@ import numpy as np
 import orbax.checkpoint as ocp
 import pytest
 
-from vgg_jax import default_config
 from experiments import table3
-from vgg_jax import checkpoints
 from vgg_jax import config_validation
+from vgg_jax import default_config
+from vgg_jax import errors
+from vgg_jax import init_from
 from vgg_jax import models
 from vgg_jax import steps
 from vgg_jax import train
@@ -101,17 +102,17 @@ def fresh_params(variant, width=1 / 16, seed=0) -> dict:
   return jax.device_get(model.init(jax.random.key(seed), jnp.zeros((1, 32, 32, 3)))['params'])
 
 
-def seeding_config(digits_config, init_from, variant='D', mode='net_a', width=1 / 16):
+def seeding_config(digits_config, source_dir, variant='D', mode='net_a', width=1 / 16):
   config = digits_config.copy_and_resolve_references()
   config.train_scale = (32, 36)
-  config.variant, config.width, config.init_from, config.init_mode = variant, width, init_from, mode
+  config.variant, config.width, config.init_from, config.init_mode = variant, width, source_dir, mode
   return config
 
 
 def test_seeding_from_net_a_copies_its_seven_layers_and_leaves_the_rest(net_a_dir, digits_config):
   net_a = saved_params(net_a_dir)
   fresh = fresh_params('D', seed=fresh_rng().integers(1 << 30))
-  seeded = checkpoints.seed_params(fresh, seeding_config(digits_config, net_a_dir))
+  seeded = init_from.seed_params(fresh, seeding_config(digits_config, net_a_dir))
   copied = {'conv1_1', 'conv2_1', 'conv3_1', 'conv3_2', 'fc6', 'fc7', 'fc8'}
   assert set(seeded) == set(models.layer_names('D'))
   for layer in seeded:
@@ -126,28 +127,28 @@ def test_seeding_from_net_a_copies_its_seven_layers_and_leaves_the_rest(net_a_di
 
 def test_seeding_refuses_a_shape_mismatch_naming_the_layer(net_a_dir, digits_config):
   wider = fresh_params('D', width=1 / 8)
-  with pytest.raises(config_validation.ConfigError,
+  with pytest.raises(errors.ConfigError,
                      match=r'width=0.0625, this run has width=0.125; init_mode=net_a'):
-    checkpoints.seed_params(wider, seeding_config(digits_config, net_a_dir, width=1 / 8))
+    init_from.seed_params(wider, seeding_config(digits_config, net_a_dir, width=1 / 8))
   with pytest.raises(ValueError, match=r'conv1_1/kernel.*\(3, 3, 3, 4\).*\(3, 3, 3, 8\)'):
-    checkpoints.transplant(wider, saved_params(net_a_dir), checkpoints.NET_A_LAYERS)
+    init_from.transplant(wider, saved_params(net_a_dir), init_from.NET_A_LAYERS)
 
 
 def test_init_mode_all_needs_the_same_net(net_a_dir, digits_config):
-  with pytest.raises(config_validation.ConfigError,
+  with pytest.raises(errors.ConfigError,
                      match="variant='A', this run has variant='D'; init_mode=all"):
-    checkpoints.seed_params(fresh_params('D'),
+    init_from.seed_params(fresh_params('D'),
                             seeding_config(digits_config, net_a_dir, mode='all'))
   a = fresh_params('A', seed=5)
-  seeded = checkpoints.seed_params(a, seeding_config(digits_config, net_a_dir, 'A', 'all'))
+  seeded = init_from.seed_params(a, seeding_config(digits_config, net_a_dir, 'A', 'all'))
   for layer, value in saved_params(net_a_dir).items():
     np.testing.assert_array_equal(seeded[layer]['kernel'], value['kernel'])
 
 
 def test_init_from_a_workdir_without_checkpoints_says_to_train_it_first(tmp_path, digits_config):
-  with pytest.raises(config_validation.ConfigError,
+  with pytest.raises(errors.ConfigError,
                      match='init_from=.*no checkpoint in.*train that net'):
-    checkpoints.seed_params(fresh_params('D'), seeding_config(digits_config, str(tmp_path)))
+    init_from.seed_params(fresh_params('D'), seeding_config(digits_config, str(tmp_path)))
 
 
 def test_training_from_init_from_starts_at_the_seeded_weights(net_a_dir, digits_config,
@@ -208,7 +209,7 @@ def test_accumulated_micro_batches_update_exactly_as_one_big_batch(digits_config
 def test_accumulation_that_does_not_split_the_device_batch_is_refused():
   config = default_config.get_config()
   config.grad_accum_steps = 3  # 256 / 8 devices = 32 per device.
-  with pytest.raises(config_validation.ConfigError,
+  with pytest.raises(errors.ConfigError,
                      match=r'^config.grad_accum_steps=3: .*32 per device'):
     config_validation.validate(config, num_devices=8)
 

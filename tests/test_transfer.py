@@ -12,8 +12,9 @@ import vgg_jax
 from experiments import digits
 from tests import test_convert
 from vgg_jax import checkpoints
-from vgg_jax import config_validation
 from vgg_jax import convert
+from vgg_jax import errors
+from vgg_jax import init_from
 from vgg_jax import plots
 from vgg_jax import train
 
@@ -95,10 +96,10 @@ def test_imported_net_finetuned_on_a_photo_folder_with_frozen_convolutions(tmp_p
 def test_finetune_needs_the_same_net_but_not_the_same_classes(tmp_path):
   converted_caffe_net(tmp_path / 'imported')
   config = finetune_config(tmp_path, tmp_path / 'imported', tmp_path / 'tfds')
-  checkpoints.check_init_from(config)  # 5 classes there, 3 here: fine.
+  init_from.check_init_from(config)  # 5 classes there, 3 here: fine.
   config.init_mode = 'all'
-  with pytest.raises(config_validation.ConfigError, match='num_classes=5.*init_mode=all'):
-    checkpoints.check_init_from(config)
+  with pytest.raises(errors.ConfigError, match='num_classes=5.*init_mode=all'):
+    init_from.check_init_from(config)
   config.init_mode, config.variant = 'finetune', 'E'
-  with pytest.raises(config_validation.ConfigError, match="variant='D'.*init_mode=finetune"):
-    checkpoints.check_init_from(config)
+  with pytest.raises(errors.ConfigError, match="variant='D'.*init_mode=finetune"):
+    init_from.check_init_from(config)

@@ -1,6 +1,11 @@
-"""What every command-line entry point (`main`, `evaluate`) does before its work."""
+"""What the command-line entry points share: set-up before their work, and reading the
+Python files named on their command lines (configs, grids)."""
 
+import importlib.util
 import logging as std_logging
+import os
+import sys
+from types import ModuleType
 
 from absl import logging
 
@@ -17,3 +22,16 @@ def setup() -> None:
   import tensorflow as tf  # pylint: disable=g-import-not-at-top
   tf.config.set_visible_devices([], 'GPU')
   tf.config.set_visible_devices([], 'TPU')
+
+
+def load_file(path: str) -> ModuleType:
+  """The Python file at `path` run as a module: config files and grids need not be in a
+  package. ValueError if it is not a Python file."""
+  name = '_vgg_jax_file_' + os.path.splitext(os.path.basename(path))[0]
+  spec = importlib.util.spec_from_file_location(name, path)
+  if spec is None:
+    raise ValueError(f'{path}: not a Python file.')
+  module = importlib.util.module_from_spec(spec)
+  sys.modules[name] = module  # dataclasses look their module up while being defined.
+  spec.loader.exec_module(module)
+  return module

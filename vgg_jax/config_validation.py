@@ -1,62 +1,28 @@
 """Checks a config before anything is read or compiled; each error names the field and value."""
 
+from vgg_jax import errors
+from vgg_jax import init_from
 from vgg_jax import models
+from vgg_jax import ops
 from vgg_jax import preprocess
-
-DTYPE_NAMES = ('float32', 'bfloat16', 'float16')
-INITS = ('paper', 'glorot')
-INIT_MODES = ('net_a', 'all', 'finetune')
-PROTOCOLS = ('single', 'dense', 'multicrop', 'dense+multicrop')
-# Where the learning rate enters momentum SGD (`steps.create_optimizer`).
-SGD_FORMS = ('caffe', 'pytorch')
-
-
-class ConfigError(ValueError):
-  """A config field holds a value vgg_jax cannot run with."""
+from vgg_jax import protocol
+from vgg_jax import steps
 
 
 def _fail(field: str, value, why: str):
-  raise ConfigError(f'config.{field}={value!r}: {why}')
-
-
-def parse_protocols(spec: str, name: str = '--protocol') -> tuple[str, ...]:
-  """'all' or a comma-separated list of PROTOCOLS (Sec. 3.2's test protocols), checked."""
-  names = PROTOCOLS if spec == 'all' else tuple(p.strip() for p in spec.split(',') if p.strip())
-  if not names or any(p not in PROTOCOLS for p in names):
-    raise ConfigError(f'{name}={spec!r}: expected "all" or a comma-separated list of '
-                      f'{", ".join(PROTOCOLS)}.')
-  return names
-
-
-def scale_bounds(train_scale) -> tuple[int, int]:
-  """(Smin, Smax) of a fixed S or an (Smin, Smax) pair, checked."""
-  if isinstance(train_scale, bool):
-    _fail('train_scale', train_scale, 'expected S or (Smin, Smax).')
-  if isinstance(train_scale, int):
-    bounds = (train_scale, train_scale)
-  elif isinstance(train_scale, (tuple, list)) and len(train_scale) == 2 and all(
-      isinstance(s, int) and not isinstance(s, bool) for s in train_scale):
-    bounds = tuple(train_scale)
-  else:
-    _fail('train_scale', train_scale, 'expected an int S or a pair (Smin, Smax) of ints.')
-  if bounds[0] > bounds[1]:
-    _fail('train_scale', train_scale, f'Smin={bounds[0]} > Smax={bounds[1]}; write the range '
-          'as (Smin, Smax), e.g. (256, 512).')
-  if bounds[0] <= 0:
-    _fail('train_scale', train_scale, 'S must be positive.')
-  return bounds
+  raise errors.ConfigError(f'config.{field}={value!r}: {why}')
 
 
 def validate(config, num_devices: int) -> None:
   """Raises ConfigError for the first problem found in `config` (global `num_devices`)."""
   if config.variant not in models.VARIANTS:
     _fail('variant', config.variant, f'expected one of {", ".join(models.VARIANTS)}.')
-  if config.init not in INITS:
-    _fail('init', config.init, f'expected one of {", ".join(INITS)}.')
-  if config.dtype not in DTYPE_NAMES:
-    _fail('dtype', config.dtype, f'expected one of {", ".join(DTYPE_NAMES)}.')
-  if config.get('weight_grad', 'auto') not in models.WEIGHT_GRADS:
-    _fail('weight_grad', config.weight_grad, f'expected one of {", ".join(models.WEIGHT_GRADS)}.')
+  if config.init not in models.INITS:
+    _fail('init', config.init, f'expected one of {", ".join(models.INITS)}.')
+  if config.dtype not in models.DTYPES:
+    _fail('dtype', config.dtype, f'expected one of {", ".join(models.DTYPES)}.')
+  if config.get('weight_grad', 'auto') not in ops.WEIGHT_GRADS:
+    _fail('weight_grad', config.weight_grad, f'expected one of {", ".join(ops.WEIGHT_GRADS)}.')
   if not config.width > 0:
     _fail('width', config.width, 'must be positive (1.0 is the paper\'s net).')
   if not 0 <= config.dropout_rate < 1:
@@ -69,7 +35,7 @@ def validate(config, num_devices: int) -> None:
   if config.get('channel_order', 'RGB') not in preprocess.CHANNEL_ORDERS:
     _fail('channel_order', config.channel_order,
           f'expected one of {", ".join(preprocess.CHANNEL_ORDERS)}.')
-  smin, _ = scale_bounds(config.train_scale)
+  smin, _ = protocol.scale_bounds(config.train_scale)
   size = config.image_size
   if size <= 0 or size % models.DOWNSAMPLING:
     _fail('image_size', size, f'must be a positive multiple of {models.DOWNSAMPLING} '
@@ -87,7 +53,7 @@ def validate(config, num_devices: int) -> None:
   if config.get('dense_max_aspect', 1.0) < 1:
     _fail('dense_max_aspect', config.dense_max_aspect, 'must be >= 1 (long side / short side).')
   if config.get('eval_protocols'):
-    parse_protocols(config.eval_protocols, name='config.eval_protocols')
+    protocol.parse_protocols(config.eval_protocols, name='config.eval_protocols')
   for field in ('batch_size', 'eval_batch_size', 'dense_batch_size', 'multicrop_batch_size'):
     if field not in config:
       continue
@@ -95,16 +61,16 @@ def validate(config, num_devices: int) -> None:
     if batch <= 0 or batch % num_devices:
       _fail(field, batch, f'must be a positive multiple of the {num_devices} devices '
             f'(e.g. {num_devices * max(1, batch // num_devices)}).')
-  if config.get('init_mode', 'net_a') not in INIT_MODES:
-    _fail('init_mode', config.init_mode, f'expected one of {", ".join(INIT_MODES)}.')
-  frozen = [p.strip() for p in (config.get('frozen_layers') or '').split(',') if p.strip()]
+  if config.get('init_mode', 'net_a') not in init_from.MODES:
+    _fail('init_mode', config.init_mode, f'expected one of {", ".join(init_from.MODES)}.')
+  frozen = steps.frozen_prefixes(config)
   layers = models.layer_names(config.variant)
   for prefix in frozen:
-    if not any(layer.startswith(prefix) for layer in layers):
+    if not any(steps.is_frozen(layer, (prefix,)) for layer in layers):
       _fail('frozen_layers', config.frozen_layers, f'{prefix!r} names no layer of net '
             f'{config.variant} ({", ".join(layers)}); give name prefixes, e.g. conv or '
             'conv1,conv2.')
-  if frozen and all(any(layer.startswith(p) for p in frozen) for layer in layers):
+  if frozen and all(steps.is_frozen(layer, frozen) for layer in layers):
     _fail('frozen_layers', config.frozen_layers, 'freezes every layer: nothing would train.')
   accum = config.get('grad_accum_steps', 1)
   if isinstance(accum, bool) or not isinstance(accum, int) or accum < 1:
@@ -117,8 +83,8 @@ def validate(config, num_devices: int) -> None:
     _fail('learning_rate', config.learning_rate, 'must be positive.')
   if not 0 <= config.momentum < 1:
     _fail('momentum', config.momentum, 'must be in [0, 1).')
-  if config.get('sgd_form', 'caffe') not in SGD_FORMS:
-    _fail('sgd_form', config.sgd_form, f'expected one of {", ".join(SGD_FORMS)}.')
+  if config.get('sgd_form', 'caffe') not in steps.SGD_FORMS:
+    _fail('sgd_form', config.sgd_form, f'expected one of {", ".join(steps.SGD_FORMS)}.')
   if config.weight_decay < 0:
     _fail('weight_decay', config.weight_decay, 'must be >= 0.')
   if not 0 < config.lr_plateau_factor < 1:

@@ -411,12 +411,17 @@ def save(output: str, variables: dict, fields: dict, source: str,
 
 
 FLAGS = flags.FLAGS
-flags.DEFINE_enum('source', None, SOURCES, 'Framework that wrote --input.')
-flags.DEFINE_string('input', None, 'The weight file: .pth (torchvision), .h5 (Keras), '
-                    '.caffemodel (Caffe).')
-flags.DEFINE_string('output', None, 'New directory for the vgg_jax checkpoint.')
-flags.DEFINE_string('variant', None, 'Expected net (A, B, C, D, E); default: read off the '
-                    'weights.')
+
+
+
+def define_flags() -> None:
+  """The CLI's flags, defined when it runs, not when the module is imported."""
+  flags.DEFINE_enum('source', None, SOURCES, 'Framework that wrote --input.')
+  flags.DEFINE_string('input', None, 'The weight file: .pth (torchvision), .h5 (Keras), '
+                      '.caffemodel (Caffe).')
+  flags.DEFINE_string('output', None, 'New directory for the vgg_jax checkpoint.')
+  flags.DEFINE_string('variant', None, 'Expected net (A, B, C, D, E); default: read off the '
+                      'weights.')
 
 
 def main(argv):
@@ -436,5 +441,6 @@ def main(argv):
 
 
 if __name__ == '__main__':
+  define_flags()
   flags.mark_flags_as_required(['source', 'input', 'output'])
   app.run(main)

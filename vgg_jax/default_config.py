@@ -12,6 +12,11 @@ from ml_collections import config_dict
 TRAINING_SCALES = {'S=256': 256, 'S=384': 384, 'S=256-512': (256, 512)}
 
 
+def dataset_name(dataset: str) -> str:
+  """The tfds name in config.dataset ('NAME[/CONFIG][:VERSION]'), e.g. 'imagenet2012'."""
+  return dataset.split(':')[0].split('/')[0]
+
+
 def set_training_scale(config: ml_collections.ConfigDict, arg: Optional[str]) -> None:
   """Applies a config-file argument 'S=256', 'S=384' or 'S=256-512' (Table 3's columns)."""
   if arg is None:

@@ -18,22 +18,14 @@ import jax
 from vgg_jax import checkpoints
 from vgg_jax import cli
 from vgg_jax import config_validation
+from vgg_jax import errors
 from vgg_jax import evaluation
 from vgg_jax import input_pipeline
+from vgg_jax import protocol
 from vgg_jax import report
 
 FLAGS = flags.FLAGS
-flags.DEFINE_string('workdir', None, 'Training workdir whose newest checkpoint is evaluated.')
-flags.DEFINE_string('protocol', 'all', 'Comma-separated: single, dense, multicrop, '
-                    'dense+multicrop; or all.')
-flags.DEFINE_list('scales', None, 'Test scales Q for the multi-scale protocols; default: '
-                  'from the training scale (Sec. 3.2).')
-flags.DEFINE_list('fuse', [], 'Workdirs of further nets whose posteriors are averaged with '
-                  "DIR's (Table 6).")
-flags.DEFINE_string('split', None, 'Split to evaluate; default: the config\'s eval_split.')
-flags.DEFINE_string('data_dir', None, 'tfds data_dir, if not the one used in training.')
-flags.DEFINE_integer('dense_batch_size', None, 'Overrides config.dense_batch_size.')
-flags.DEFINE_integer('multicrop_batch_size', None, 'Overrides config.multicrop_batch_size.')
+
 
 
 def _load(workdir: str, overrides: dict):
@@ -44,7 +36,7 @@ def _load(workdir: str, overrides: dict):
   return config
 
 
-def evaluate_workdirs(workdir: str, protocols=evaluation.PROTOCOLS, scales=None, fuse=(),
+def evaluate_workdirs(workdir: str, protocols=protocol.PROTOCOLS, scales=None, fuse=(),
                       split=None, **overrides) -> dict:
   """Evaluates DIR (and fuses the nets of `fuse` with it); returns the results written to
   DIR/eval/results.json by this call."""
@@ -53,7 +45,7 @@ def evaluate_workdirs(workdir: str, protocols=evaluation.PROTOCOLS, scales=None,
   for d, config in zip(dirs[1:], configs[1:]):
     for field in ('dataset', 'num_classes'):
       if config[field] != configs[0][field]:
-        raise config_validation.ConfigError(
+        raise errors.ConfigError(
             f'--fuse={d}: its config.{field}={config[field]!r} differs from {workdir}\'s '
             f'{configs[0][field]!r}; fused nets must classify the same dataset.')
   split = split or configs[0].eval_split
@@ -80,9 +72,9 @@ def evaluate_workdirs(workdir: str, protocols=evaluation.PROTOCOLS, scales=None,
 
   if fuse:
     fused = evaluation.fuse([posts for *_, posts in members])
-    for protocol, post in fused.items():
-      per_net = [net_results[protocol] for _, _, net_results, _ in members]
-      results[f'fused:{protocol}'] = {
+    for name, post in fused.items():
+      per_net = [net_results[name] for _, _, net_results, _ in members]
+      results[f'fused:{name}'] = {
           **evaluation.errors(post),
           'net': '+'.join(r['net'] for r in per_net),
           'train_scale': ', '.join(r['train_scale'] for r in per_net),
@@ -93,13 +85,13 @@ def evaluate_workdirs(workdir: str, protocols=evaluation.PROTOCOLS, scales=None,
           'nets': dirs,
           'members': {d: {k: r[k] for k in ('net', 'top1_error', 'top5_error', 'scales')}
                       for d, r in zip(dirs, per_net)},
-          'paper': report.paper_fusion_result([c for _, c, _, _ in members], protocol,
+          'paper': report.paper_fusion_result([c for _, c, _, _ in members], name,
                                               [r['scales'] for r in per_net], split),
       }
-      logging.info('Fused %s (%s): top-1 error %.2f%%, top-5 error %.2f%%.', protocol,
-                   results[f'fused:{protocol}']['net'],
-                   100 * results[f'fused:{protocol}']['top1_error'],
-                   100 * results[f'fused:{protocol}']['top5_error'])
+      logging.info('Fused %s (%s): top-1 error %.2f%%, top-5 error %.2f%%.', name,
+                   results[f'fused:{name}']['net'],
+                   100 * results[f'fused:{name}']['top1_error'],
+                   100 * results[f'fused:{name}']['top5_error'])
 
   if jax.process_index() == 0:
     title = (f'Evaluation of {workdir}: {configs[0].dataset}, split {split!r}')
@@ -108,11 +100,26 @@ def evaluate_workdirs(workdir: str, protocols=evaluation.PROTOCOLS, scales=None,
   return results
 
 
+def define_flags() -> None:
+  """The CLI's flags, defined when it runs, not when the module is imported."""
+  flags.DEFINE_string('workdir', None, 'Training workdir whose newest checkpoint is evaluated.')
+  flags.DEFINE_string('protocol', 'all', 'Comma-separated: single, dense, multicrop, '
+                      'dense+multicrop; or all.')
+  flags.DEFINE_list('scales', None, 'Test scales Q for the multi-scale protocols; default: '
+                    'from the training scale (Sec. 3.2).')
+  flags.DEFINE_list('fuse', [], 'Workdirs of further nets whose posteriors are averaged with '
+                    "DIR's (Table 6).")
+  flags.DEFINE_string('split', None, 'Split to evaluate; default: the config\'s eval_split.')
+  flags.DEFINE_string('data_dir', None, 'tfds data_dir, if not the one used in training.')
+  flags.DEFINE_integer('dense_batch_size', None, 'Overrides config.dense_batch_size.')
+  flags.DEFINE_integer('multicrop_batch_size', None, 'Overrides config.multicrop_batch_size.')
+
+
 def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f'Unexpected arguments: {" ".join(argv[1:])}')
   cli.setup()
-  protocols = config_validation.parse_protocols(FLAGS.protocol)
+  protocols = protocol.parse_protocols(FLAGS.protocol)
   scales = None
   if FLAGS.scales:
     try:
@@ -126,6 +133,7 @@ def main(argv):
 
 
 if __name__ == '__main__':
+  define_flags()
   # Here, not at import: importing this module must not make its flags required elsewhere.
   flags.mark_flags_as_required(['workdir'])
   app.run(main)

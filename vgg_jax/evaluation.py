@@ -31,69 +31,15 @@ from jax.experimental import multihost_utils
 import jax.numpy as jnp
 import numpy as np
 
-from vgg_jax import config_validation
 from vgg_jax import models
 from vgg_jax import preprocess
-from vgg_jax import steps
+from vgg_jax import progress as progress_lib
+from vgg_jax import protocol
 
-PROTOCOLS = config_validation.PROTOCOLS
-parse_protocols = config_validation.parse_protocols
-DENSE, MULTICROP = 'dense', 'multicrop'
-# Sec. 3.2: per scale, a 5 x 5 grid of crops, each with its horizontal flip.
-CROP_GRID = 5
 # How Appendix B's descriptors of several scales make one (`aggregate_descriptors`).
 DESCRIPTOR_AGGREGATES = ('average', 'stack')
-# Which passes (method, which scales) each protocol averages.
-_PASSES = {'single': ((DENSE, 'single'),), 'dense': ((DENSE, 'all'),),
-           'multicrop': ((MULTICROP, 'all'),),
-           'dense+multicrop': ((DENSE, 'all'), (MULTICROP, 'all'))}
-
-
-# ---------------------------------------------------------------------------------------------
-# Test scales (Sec. 3.2).
-
-
-def single_test_scale(config) -> int:
-  """Q of single-scale testing: `config.eval_scale`, else S, else (Smin + Smax) / 2."""
-  if config.eval_scale:
-    return int(config.eval_scale)
-  smin, smax = config_validation.scale_bounds(config.train_scale)
-  return (smin + smax) // 2
-
-
-def test_scales(config) -> tuple[int, ...]:
-  """Multi-scale testing: `config.test_scales`, else the paper's {S - 32, S, S + 32} for a
-  fixed S and {Smin, (Smin + Smax) / 2, Smax} for a jittered one."""
-  if config.get('test_scales'):
-    return tuple(int(q) for q in config.test_scales)
-  smin, smax = config_validation.scale_bounds(config.train_scale)
-  if smin == smax:
-    return (smin - 32, smin, smin + 32)
-  return (smin, (smin + smax) // 2, smax)
-
-
-def check_scales(scales: Sequence[int], image_size: int) -> None:
-  small = [q for q in scales if q < image_size]
-  if small:
-    raise ValueError(f'Test scales {", ".join(map(str, small))} are smaller than the '
-                     f'{image_size}-pixel training crop: every Q must be >= {image_size}.')
-
-
-def crop_offsets(length: int, crop: int, num: int = CROP_GRID) -> list[int]:
-  """Top (or left) edges of `num` crops regularly spaced from edge to edge (Sec. 3.2)."""
-  return [int(round(i * (length - crop) / (num - 1))) for i in range(num)]
-
-
-def dense_shapes_bound(q: int, config) -> int:
-  """How many image shapes (hence compilations) dense evaluation at scale `q` can meet.
-
-  The long side is capped at dense_max_aspect * q and both sides are padded up to a
-  multiple of dense_size_step: one square shape plus, per orientation, one per step.
-  """
-  step = config.dense_size_step
-  short = -(-q // step) * step
-  long = -(-max(q, int(config.dense_max_aspect * q)) // step) * step
-  return 1 + 2 * ((long - short) // step)
+# How often a long pass logs its progress.
+LOG_EVERY_SECONDS = 30.0
 
 
 # ---------------------------------------------------------------------------------------------
@@ -188,7 +134,7 @@ def pmap_posteriors(method: str, model: models.VGG, normalization: preprocess.No
                     flip: bool = True) -> Callable:
   """The `method` step mapped over this process's devices (no collective: see module doc)."""
   kwargs = dict(model=model, normalization=normalization, flip=flip)
-  if method == DENSE:
+  if method == protocol.DENSE:
     fn = lambda params, batch: dense_posteriors(params, batch['image'], batch['size'], **kwargs)
   else:
     fn = lambda params, batch: multicrop_posteriors(params, batch['crops'], **kwargs)
@@ -219,29 +165,12 @@ class Posteriors:
                       tuple(sorted({s for p in group for s in p.shapes})))
 
 
-class _Progress:
-  """Logs images done, img/s and ETA every `every` seconds."""
-
-  def __init__(self, name: str, total: int, every: float = 30.0):
-    self.name, self.total, self.every = name, total, every
-    self.start = self.last = time.perf_counter()
-
-  def update(self, done: int) -> None:
-    now = time.perf_counter()
-    if now - self.last < self.every and done < self.total:
-      return
-    self.last = now
-    rate = done / max(now - self.start, 1e-9)
-    logging.info('%s: %d/%d images, %.1f img/s, ETA %ds', self.name, done, self.total, rate,
-                 max(self.total - done, 0) / max(rate, 1e-9))
-
-
 def posteriors(p_step: Callable, params, batches: Iterable[dict], name: str = '',
                num_examples: int = 0) -> Posteriors:
   """Runs `p_step` over `batches` ({..., 'label', 'index', 'mask'} shaped (devices, per
   device, ...)) and keeps the posteriors of the unmasked examples, sorted by 'index'."""
   probs, labels, indices, shapes = [], [], [], set()
-  progress = _Progress(name, num_examples)
+  progress = progress_lib.Progress(num_examples)
   timed_seconds, timed_images, all_seconds = 0.0, 0, 0.0
   for batch in batches:
     start = time.perf_counter()
@@ -257,7 +186,11 @@ def posteriors(p_step: Callable, params, batches: Iterable[dict], name: str = ''
     if shape in shapes:  # Not the batch that compiled this shape.
       timed_seconds, timed_images = timed_seconds + seconds, timed_images + len(mask)
     shapes.add(shape)
-    progress.update(sum(len(i) for i in indices))
+    done = sum(len(i) for i in indices)
+    if progress.seconds_since_restart() >= LOG_EVERY_SECONDS or done >= num_examples:
+      img_per_s, eta = progress.rate(done)
+      logging.info('%s: %d/%d images, %.1f img/s, ETA %s', name, done, num_examples, img_per_s,
+                   progress_lib.duration(eta))
   indices = np.concatenate(indices)
   order = np.argsort(indices, kind='stable')
   if not np.array_equal(indices[order], np.arange(len(indices))):
@@ -284,16 +217,6 @@ def errors(post: Posteriors) -> dict:
           'num_examples': total}
 
 
-def protocol_passes(protocols: Sequence[str], single: int,
-                    scales: Sequence[int]) -> dict[str, list[tuple[str, int]]]:
-  """For each protocol, the (method, Q) passes whose posteriors it averages."""
-  passes = {}
-  for protocol in protocols:
-    passes[protocol] = [(method, q) for method, which in _PASSES[protocol]
-                        for q in ((single,) if which == 'single' else scales)]
-  return passes
-
-
 def run(params, config, protocols: Sequence[str], batches: Callable[[str, int], Iterator],
         num_examples: int, scales: Optional[Sequence[int]] = None,
         single: Optional[int] = None) -> tuple[dict, dict[str, Posteriors]]:
@@ -303,12 +226,12 @@ def run(params, config, protocols: Sequence[str], batches: Callable[[str, int], 
   keyed by protocol; results hold top1_error, top5_error, num_examples, scales,
   crops_per_image, img_per_s and compilations (distinct batch shapes, one compile each).
   """
-  scales = tuple(scales) if scales else test_scales(config)
-  single = single or single_test_scale(config)
-  check_scales((*scales, single), config.image_size)
-  model = steps.create_model(config)
+  scales = tuple(scales) if scales else protocol.test_scales(config)
+  single = single or protocol.single_test_scale(config)
+  protocol.check_scales((*scales, single), config.image_size)
+  model = models.create_model(config)
   steps_by_method = {}
-  passes = protocol_passes(protocols, single, scales)
+  passes = protocol.protocol_passes(protocols, single, scales)
   computed = {}
   for method, q in dict.fromkeys(p for ps in passes.values() for p in ps):
     if method not in steps_by_method:
@@ -317,26 +240,24 @@ def run(params, config, protocols: Sequence[str], batches: Callable[[str, int], 
     computed[method, q] = posteriors(steps_by_method[method], params, batches(method, q),
                                      f'{method} Q={q}', num_examples)
   results, combined = {}, {}
-  for protocol, needed in passes.items():
+  for name, needed in passes.items():
     post = computed[needed[0]].average([computed[p] for p in needed[1:]])
-    views = (1 if method == DENSE else CROP_GRID ** 2 for method, _ in needed)
-    crops = sum(views) * (2 if config.test_flip else 1)
-    results[protocol] = {
+    results[name] = {
         **errors(post),
         'scales': sorted({q for _, q in needed}),
-        'crops_per_image': crops,
+        'crops_per_image': protocol.views_per_image(needed, config.test_flip),
         'img_per_s': jax.process_count() / max(post.seconds_per_image, 1e-12),
         'compilations': len(post.shapes),
     }
-    combined[protocol] = post
+    combined[name] = post
     logging.info('%s (Q = %s): top-1 error %.2f%%, top-5 error %.2f%% over %d images.',
-                 protocol, ', '.join(map(str, results[protocol]['scales'])),
-                 100 * results[protocol]['top1_error'], 100 * results[protocol]['top5_error'],
-                 results[protocol]['num_examples'])
+                 name, ', '.join(map(str, results[name]['scales'])),
+                 100 * results[name]['top1_error'], 100 * results[name]['top5_error'],
+                 results[name]['num_examples'])
   return results, combined
 
 
 def fuse(members: Sequence[dict[str, Posteriors]]) -> dict[str, Posteriors]:
   """Sec. 4.4 / Table 6: the soft-max posteriors of several nets averaged, per protocol."""
-  return {protocol: members[0][protocol].average([m[protocol] for m in members[1:]])
-          for protocol in members[0]}
+  return {name: members[0][name].average([m[name] for m in members[1:]])
+          for name in members[0]}

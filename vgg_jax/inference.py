@@ -22,8 +22,9 @@ import numpy as np
 from vgg_jax import checkpoints
 from vgg_jax import evaluation
 from vgg_jax import models
+from vgg_jax import ops
 from vgg_jax import preprocess as preprocessing
-from vgg_jax import steps
+from vgg_jax import protocol
 
 Images = Union[np.ndarray, jax.Array, Sequence[np.ndarray]]
 
@@ -50,9 +51,7 @@ class Preprocess:
     image = np.asarray(image)
     if image.ndim != 3 or image.shape[-1] != 3:
       raise ValueError(f'Expected an (H, W, 3) RGB image, got shape {image.shape}.')
-    height, width = image.shape[:2]
-    ratio = self.scale / min(height, width)
-    shape = (max(self.scale, round(height * ratio)), max(self.scale, round(width * ratio)), 3)
+    shape = (*protocol.rescaled_shape(*image.shape[:2], self.scale), 3)
     if shape == image.shape:
       return image.astype(np.uint8)
     resized = jax.image.resize(jnp.asarray(image, jnp.float32), shape, 'linear', antialias=True)
@@ -70,17 +69,17 @@ class Preprocess:
     if not isinstance(images, (list, tuple)) and np.ndim(images) == 3:
       images = [images]
     batch = np.stack([self.crop(self.rescale(image)) for image in images])
-    return self.normalization(jnp.asarray(batch), steps.DTYPES[self.dtype])
+    return self.normalization(jnp.asarray(batch), models.DTYPES[self.dtype])
 
 
 def load(path: str, step: Optional[int] = None) -> tuple[models.VGG, dict, Preprocess]:
   """(model, variables, preprocess) of a training workdir or a `vgg_jax.convert` output: the
   newest checkpoint (or `step`), the net its config describes, its input normalisation."""
   config = checkpoints.load_config(path, step)
-  model = steps.create_model(config)
+  model = models.create_model(config)
   params = jax.device_get(checkpoints.restore_params(path, config, step))
   preprocess = Preprocess(preprocessing.Normalization.from_config(config), config.image_size,
-                          evaluation.single_test_scale(config), config.dtype)
+                          protocol.single_test_scale(config), config.dtype)
   return model, {'params': params}, preprocess
 
 
@@ -128,7 +127,7 @@ def _features(model, variables, images, layers, dense):
     if name == 'fc8':
       result[name] = captured[name].astype(jnp.float32)
     elif name.startswith('pool'):
-      result[name] = models.max_pool_2x2(nn.relu(captured[last_conv[name]]))
+      result[name] = ops.max_pool_2x2(nn.relu(captured[last_conv[name]]))
     else:
       result[name] = nn.relu(captured[name])
   return result

@@ -21,9 +21,10 @@ import numpy as np
 import tensorflow as tf
 import tensorflow_datasets as tfds
 
-from vgg_jax import config_validation
-from vgg_jax import evaluation
 from vgg_jax import datasets  # pylint: disable=unused-import  # Registers vgg_jax's builders.
+from vgg_jax import default_config
+from vgg_jax import errors
+from vgg_jax import protocol
 from vgg_jax.datasets import image_folder
 
 IMAGENET_ARCHIVES = ('ILSVRC2012_img_train.tar', 'ILSVRC2012_img_val.tar')
@@ -31,11 +32,6 @@ IMAGENET_ARCHIVES = ('ILSVRC2012_img_train.tar', 'ILSVRC2012_img_val.tar')
 
 # ---------------------------------------------------------------------------------------------
 # Datasets.
-
-
-def eval_scale(config) -> int:
-  """Q of single-scale testing: `config.eval_scale`, else S, else (Smin + Smax) / 2 (Sec. 3.2)."""
-  return evaluation.single_test_scale(config)
 
 
 def get_builder(config) -> tfds.core.DatasetBuilder:
@@ -50,15 +46,15 @@ def get_builder(config) -> tfds.core.DatasetBuilder:
   try:
     builder = tfds.builder(config.dataset, data_dir=config.data_dir)
   except tfds.core.registered.DatasetNotFoundError as e:
-    name = config.dataset.split(':')[0].split('/')[0]
+    name = default_config.dataset_name(config.dataset)
     close = difflib.get_close_matches(name, tfds.list_builders(), n=3)
     hint = f' Did you mean {" or ".join(close)}?' if close else ''
-    raise config_validation.ConfigError(
+    raise errors.ConfigError(
         f'config.dataset={config.dataset!r}: not a tfds dataset.{hint} Any name from '
         'tfds.list_builders() works, plus sklearn_digits, which ships with vgg_jax.') from e
   if not builder.is_prepared():
     download_config = None
-    if config.dataset.split(':')[0].split('/')[0] == 'imagenet2012':
+    if default_config.dataset_name(config.dataset) == 'imagenet2012':
       check_imagenet_archives(config.manual_dir, builder)
       download_config = tfds.download.DownloadConfig(manual_dir=config.manual_dir)
     builder.download_and_prepare(download_config=download_config)
@@ -70,7 +66,7 @@ def check_imagenet_archives(manual_dir: Optional[str], builder) -> None:
   where = manual_dir or os.path.join(builder.data_dir_root, 'downloads', 'manual')
   missing = [name for name in IMAGENET_ARCHIVES if not tf.io.gfile.exists(os.path.join(where, name))]
   if missing:
-    raise config_validation.ConfigError(
+    raise errors.ConfigError(
         f'config.manual_dir={manual_dir!r}: imagenet2012 is not prepared in '
         f'{builder.data_dir_root} and {", ".join(missing)} {"is" if len(missing) == 1 else "are"} '
         f'missing from {where}. Download the ILSVRC-2012 training and validation tar files from '
@@ -119,15 +115,21 @@ def decode(encoded: tf.Tensor) -> tf.Tensor:
   return tf.io.decode_image(encoded, channels=3, expand_animations=False)
 
 
+def rescaled_shape(shape: tf.Tensor, smallest_side) -> tf.Tensor:
+  """`protocol.rescaled_shape` in TensorFlow ops: (height, width) -> its isotropic rescale
+  whose smallest side is `smallest_side`."""
+  shape = tf.cast(shape, tf.float32)
+  ratio = tf.cast(smallest_side, tf.float32) / tf.reduce_min(shape)
+  return tf.maximum(tf.cast(tf.round(shape * ratio), tf.int32), smallest_side)
+
+
 def rescale(image: tf.Tensor, smallest_side) -> tf.Tensor:
   """Isotropic rescale so the smallest side is `smallest_side` (float32 result).
 
   Antialiased when shrinking, so downscaled ImageNet photos are not aliased.
   """
-  shape = tf.cast(tf.shape(image)[:2], tf.float32)
-  ratio = tf.cast(smallest_side, tf.float32) / tf.reduce_min(shape)
-  new_shape = tf.maximum(tf.cast(tf.round(shape * ratio), tf.int32), smallest_side)
-  return tf.image.resize(image, new_shape, method='bilinear', antialias=True)
+  return tf.image.resize(image, rescaled_shape(tf.shape(image)[:2], smallest_side),
+                         method='bilinear', antialias=True)
 
 
 def to_uint8(image: tf.Tensor) -> tf.Tensor:
@@ -146,9 +148,8 @@ def jpeg_crop_window(shape: tf.Tensor, smallest_side, image_size: int,
   """A uniformly drawn image_size^2 crop of the image rescaled to `smallest_side`, located in
   the original image: (offset in the rescaled image, window's top-left and size in the
   original), each (row, column) int32."""
+  scaled = rescaled_shape(shape, smallest_side)
   shape = tf.cast(shape, tf.float32)
-  ratio = tf.cast(smallest_side, tf.float32) / tf.reduce_min(shape)
-  scaled = tf.maximum(tf.cast(tf.round(shape * ratio), tf.int32), smallest_side)
   span = tf.cast(scaled - image_size + 1, tf.float32)
   offset = tf.cast(tf.floor(tf.random.stateless_uniform([2], seed) * span), tf.int32)
   per_axis = tf.cast(scaled, tf.float32) / shape
@@ -216,7 +217,7 @@ def dense_test_image(encoded: tf.Tensor, *, scale: int, size_step: int,
 
   The long side is centre-cropped to max_aspect * Q, and both sides are zero-padded on the
   bottom/right up to a multiple of `size_step`, so images of all aspect ratios fall into a
-  few shapes (`evaluation.dense_shapes_bound`) and the net compiles once per shape.
+  few shapes (`protocol.dense_shapes_bound`) and the net compiles once per shape.
   """
   image = to_uint8(rescale(decode(encoded), scale))
   shape = tf.shape(image)[:2]
@@ -234,12 +235,8 @@ def multicrop_test_crops(encoded: tf.Tensor, *, scale: int, image_size: int) -> 
   the device)."""
   image = to_uint8(rescale(decode(encoded), scale))
   shape = tf.shape(image)
-  grid = evaluation.CROP_GRID
-
-  def offsets(length):
-    return [tf.cast(tf.round(i * (length - image_size) / (grid - 1)), tf.int32)
-            for i in range(grid)]
-
+  offsets = lambda length: protocol.crop_offsets(
+      length, image_size, round_fn=lambda x: tf.cast(tf.round(x), tf.int32))
   return tf.stack([image[top:top + image_size, left:left + image_size]
                    for top in offsets(shape[0]) for left in offsets(shape[1])])
 
@@ -286,7 +283,7 @@ def train_dataset(builder, config, start_step: int = 0) -> tf.data.Dataset:
   epoch_size = sizes.steps_per_epoch * sizes.local_batch
   start_epoch, start_batch = divmod(start_step, sizes.steps_per_epoch)
   base_seed = config.seed * 1_000_003 + jax.process_index()
-  transform = dict(scale=config_validation.scale_bounds(config.train_scale),
+  transform = dict(scale=protocol.scale_bounds(config.train_scale),
                    image_size=config.image_size, flip=config.random_flip,
                    decode_crop=config.get('decode_crop', False))
 
@@ -320,7 +317,7 @@ def eval_dataset(builder, config, split: Optional[str] = None) -> tuple[tf.data.
   total = builder.info.splits[split].num_examples
   num_batches = math.ceil(math.ceil(total / jax.process_count()) / local_batch)
   image_key, label_key = supervised_keys(builder)
-  q, size = eval_scale(config), config.image_size
+  q, size = protocol.single_test_scale(config), config.image_size
 
   def prepare(example):
     return {'image': eval_transform(example[image_key], scale=q, image_size=size),
@@ -355,7 +352,7 @@ def test_batches(builder, config, method: str, scale: int,
   """
   split = split or config.eval_split
   image_key, label_key = supervised_keys(builder)
-  global_batch = config.dense_batch_size if method == evaluation.DENSE else (
+  global_batch = config.dense_batch_size if method == protocol.DENSE else (
       config.multicrop_batch_size)
   local_batch = global_batch // jax.process_count()
   ds = _read(builder, tfds.split_for_jax_process(split, drop_remainder=False), cache=False)
@@ -363,7 +360,7 @@ def test_batches(builder, config, method: str, scale: int,
   def prepare(index, example):
     features = {'label': tf.cast(example[label_key], tf.int32), 'index': index,
                 'mask': tf.constant(True)}
-    if method == evaluation.DENSE:
+    if method == protocol.DENSE:
       features['image'], features['size'] = dense_test_image(
           example[image_key], scale=scale, size_step=config.dense_size_step,
           max_aspect=config.dense_max_aspect)
@@ -373,7 +370,7 @@ def test_batches(builder, config, method: str, scale: int,
     return features
 
   ds = ds.enumerate().map(prepare, num_parallel_calls=tf.data.AUTOTUNE)
-  if method == evaluation.DENSE:
+  if method == protocol.DENSE:
     shape_key = lambda f: tf.cast(tf.shape(f['image'])[0] * 1_000_003 + tf.shape(f['image'])[1],
                                   tf.int64)
     ds = ds.group_by_window(shape_key, lambda _, group: group.batch(local_batch),

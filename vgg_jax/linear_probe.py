@@ -27,10 +27,12 @@ import numpy as np
 
 from vgg_jax import checkpoints
 from vgg_jax import cli
-from vgg_jax import config_validation
+from vgg_jax import errors
 from vgg_jax import evaluation
 from vgg_jax import input_pipeline
+from vgg_jax import models
 from vgg_jax import preprocess
+from vgg_jax import protocol
 from vgg_jax import steps
 
 FEATURES = ('net', 'random', 'pixels')
@@ -38,17 +40,7 @@ SVM_C = (0.01, 0.1, 1.0, 10.0, 100.0)
 RESULTS = 'linear_probe.json'
 
 FLAGS = flags.FLAGS
-flags.DEFINE_string('workdir', None, 'Training workdir whose newest checkpoint describes images.')
-flags.DEFINE_string('dataset', None, 'tfds dataset of the new classes, e.g. scaled_digits/5to9.')
-flags.DEFINE_list('scales', None, 'Scales Q; default: the training config\'s test scales.')
-flags.DEFINE_enum('aggregate', 'average', evaluation.DESCRIPTOR_AGGREGATES,
-                  'How the scales\' descriptors make one.')
-flags.DEFINE_enum('features', 'net', FEATURES, 'net: the trained net\'s descriptors; random: '
-                  'the same net freshly initialised; pixels: the image itself.')
-flags.DEFINE_string('layer', 'fc7', 'The layer whose output is described (fc6 or fc7).')
-flags.DEFINE_string('train_split', 'train', 'Split the SVM is fitted on.')
-flags.DEFINE_string('test_split', 'test', 'Split the SVM is scored on.')
-flags.DEFINE_string('data_dir', None, 'tfds data_dir, if not the training config\'s.')
+
 
 
 def result_key(dataset: str, features: str, layer: str, aggregate: str) -> str:
@@ -73,7 +65,7 @@ def split_descriptors(params, config, builder, split: str, scales: Sequence[int]
                       layer: str = 'fc7') -> tuple[np.ndarray, np.ndarray]:
   """(descriptors (n, d), labels (n,)) of every example of `split`, in split order."""
   num_examples = -(-builder.info.splits[split].num_examples // jax.process_count())
-  model = steps.create_model(config)
+  model = models.create_model(config)
   if features == 'pixels':
     p_step = lambda _, batch: _pixels(batch, scales[0])
   else:
@@ -84,7 +76,7 @@ def split_descriptors(params, config, builder, split: str, scales: Sequence[int]
     p_step = jax.pmap(fn, in_axes=(None, 0), devices=jax.local_devices())
   per_scale, labels = [], None
   for q in scales[:1] if features == 'pixels' else scales:
-    batches = input_pipeline.test_batch_iterator(builder, config, evaluation.DENSE, q, split)
+    batches = input_pipeline.test_batch_iterator(builder, config, protocol.DENSE, q, split)
     post = evaluation.posteriors(p_step, params, batches, f'{split} descriptors Q={q}',
                                  num_examples)
     per_scale.append(post.probs)
@@ -112,10 +104,10 @@ def probe(workdir: str, dataset: str, scales: Optional[Sequence[int]] = None,
   """Descriptors of `dataset` from the net in `workdir` (or a fresh one, or pixels) and a
   linear SVM's test error; merged into WORKDIR/linear_probe.json and returned."""
   if features not in FEATURES:
-    raise config_validation.ConfigError(f'features={features!r}: expected one of '
+    raise errors.ConfigError(f'features={features!r}: expected one of '
                                         f'{", ".join(FEATURES)}.')
   if layer not in ('fc6', 'fc7'):
-    raise config_validation.ConfigError(f'layer={layer!r}: Appendix B describes images by a '
+    raise errors.ConfigError(f'layer={layer!r}: Appendix B describes images by a '
                                         'hidden fully-connected layer, fc6 or fc7.')
   config = checkpoints.load_config(workdir)
   target = config.copy_and_resolve_references()
@@ -123,20 +115,20 @@ def probe(workdir: str, dataset: str, scales: Optional[Sequence[int]] = None,
     target.dataset = dataset
     if data_dir:
       target.data_dir = data_dir
-  scales = tuple(int(q) for q in scales) if scales else evaluation.test_scales(config)
-  evaluation.check_scales(scales, config.image_size)
+  scales = tuple(int(q) for q in scales) if scales else protocol.test_scales(config)
+  protocol.check_scales(scales, config.image_size)
   builder = input_pipeline.get_builder(target)
   for split in (train_split, test_split):
     try:
       builder.info.splits[split]  # 'train', and slices such as 'train[:100]'.
     except (KeyError, ValueError) as e:
-      raise config_validation.ConfigError(f'split {split!r}: {dataset} has splits '
+      raise errors.ConfigError(f'split {split!r}: {dataset} has splits '
                                           f'{", ".join(builder.info.splits)}.') from e
   params = None
   if features == 'net':
     params = checkpoints.restore_params(workdir, config, checkpoints.latest_step(workdir))
   elif features == 'random':
-    model = steps.create_model(config)
+    model = models.create_model(config)
     dummy = jax.numpy.zeros((1, config.image_size, config.image_size, 3))
     params = steps.init_params(model, jax.random.key(config.seed), dummy)
   data = {split: split_descriptors(params, target, builder, split, scales, aggregate, features,
@@ -156,6 +148,21 @@ def probe(workdir: str, dataset: str, scales: Optional[Sequence[int]] = None,
   return result
 
 
+def define_flags() -> None:
+  """The CLI's flags, defined when it runs, not when the module is imported."""
+  flags.DEFINE_string('workdir', None, 'Training workdir whose newest checkpoint describes images.')
+  flags.DEFINE_string('dataset', None, 'tfds dataset of the new classes, e.g. scaled_digits/5to9.')
+  flags.DEFINE_list('scales', None, 'Scales Q; default: the training config\'s test scales.')
+  flags.DEFINE_enum('aggregate', 'average', evaluation.DESCRIPTOR_AGGREGATES,
+                    'How the scales\' descriptors make one.')
+  flags.DEFINE_enum('features', 'net', FEATURES, 'net: the trained net\'s descriptors; random: '
+                    'the same net freshly initialised; pixels: the image itself.')
+  flags.DEFINE_string('layer', 'fc7', 'The layer whose output is described (fc6 or fc7).')
+  flags.DEFINE_string('train_split', 'train', 'Split the SVM is fitted on.')
+  flags.DEFINE_string('test_split', 'test', 'Split the SVM is scored on.')
+  flags.DEFINE_string('data_dir', None, 'tfds data_dir, if not the training config\'s.')
+
+
 def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f'Unexpected arguments: {" ".join(argv[1:])}')
@@ -168,7 +175,7 @@ def main(argv):
   try:
     result = probe(FLAGS.workdir, FLAGS.dataset, scales, FLAGS.aggregate, FLAGS.features,
                    FLAGS.layer, FLAGS.train_split, FLAGS.test_split, FLAGS.data_dir)
-  except (config_validation.ConfigError, FileNotFoundError) as e:
+  except (errors.ConfigError, FileNotFoundError) as e:
     raise app.UsageError(str(e)) from None
   print(f'{result["features"]} descriptors of {result["dataset"]} (Q = '
         f'{", ".join(map(str, result["scales"]))}, {result["aggregate"]}): linear SVM test '
@@ -177,5 +184,6 @@ def main(argv):
 
 
 if __name__ == '__main__':
+  define_flags()
   flags.mark_flags_as_required(['workdir', 'dataset'])
   app.run(main)

@@ -4,7 +4,6 @@ Config fields are overridden on the command line, e.g. `--config.batch_size=64`.
 """
 
 import difflib
-import importlib.util
 import os
 import sys
 
@@ -16,7 +15,7 @@ from ml_collections import config_flags
 
 from vgg_jax import checkpoints
 from vgg_jax import cli
-from vgg_jax import config_validation
+from vgg_jax import errors
 from vgg_jax import train
 
 FLAGS = flags.FLAGS
@@ -58,9 +57,7 @@ def _config_file_fields(argv: list[str]):
     return None
   path, _, arg = files[-1].partition(':')
   try:
-    spec = importlib.util.spec_from_file_location('_vgg_jax_config_file', path)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
+    module = cli.load_file(path)
     return set((module.get_config(arg) if arg else module.get_config()).keys())
   except Exception:  # pylint: disable=broad-except
     return None
@@ -91,7 +88,7 @@ def main(argv):
                jax.local_devices()[0].device_kind)
   try:
     train.train_and_evaluate(FLAGS.config, FLAGS.workdir)
-  except (config_validation.ConfigError, train.NonFiniteError,
+  except (errors.ConfigError, train.NonFiniteError,
           checkpoints.CheckpointWriteError) as e:
     logging.error('%s', e)
     sys.exit(f'vgg_jax.main: {e}')

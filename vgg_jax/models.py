@@ -14,7 +14,11 @@ import jax
 import jax.numpy as jnp
 from jax import lax
 
+from vgg_jax import ops
+
 Dtype = Any
+# config.dtype: what the net computes in; parameters stay float32.
+DTYPES = {'float32': jnp.float32, 'bfloat16': jnp.bfloat16, 'float16': jnp.float16}
 
 # Table 1. Each block is a list of (kernel size, output channels); "LRN" marks A-LRN's local
 # response normalisation after conv1_1.
@@ -65,17 +69,19 @@ def paper_init(std: float = 0.01) -> Callable:
   return nn.initializers.normal(stddev=std)
 
 
+# config.init: the kernels' initialiser, given the 'paper' scheme's std.
+INITS = {'paper': paper_init, 'glorot': lambda std: nn.initializers.glorot_uniform()}
+
+
 def kernel_init(init: str, std: float = 0.01) -> Callable:
   """'paper' (N(0, std^2), Sec. 3.1) or 'glorot' (Glorot & Bengio 2010, uniform).
 
   The paper notes (end of Sec. 3.1) that Glorot initialisation makes net-A pre-training of the
   deeper nets unnecessary.
   """
-  if init == 'paper':
-    return paper_init(std)
-  if init == 'glorot':
-    return nn.initializers.glorot_uniform()
-  raise ValueError(f"init={init!r}: expected 'paper' or 'glorot'.")
+  if init not in INITS:
+    raise ValueError(f'init={init!r}: expected one of {", ".join(INITS)}.')
+  return INITS[init](std)
 
 
 def full_size_std(std: float, fan_in: int, full_size_fan_in: int) -> float:
@@ -99,78 +105,10 @@ def _keep_valid(x: jax.Array, sizes: Optional[jax.Array]) -> jax.Array:
   return jnp.where((rows & cols)[..., None], x, jnp.zeros((), x.dtype))
 
 
-def _conv(x: jax.Array, kernel: jax.Array) -> jax.Array:
-  """Stride-1 'SAME' convolution, NHWC x HWIO -> NHWC."""
-  return lax.conv_general_dilated(x, kernel, (1, 1), 'SAME',
-                                  dimension_numbers=('NHWC', 'HWIO', 'NHWC'))
-
-
-def shifted_matmul_weight_grad(x: jax.Array, grad: jax.Array, kernel_size: int) -> jax.Array:
-  """The kernel gradient of `_conv`: one matmul per kernel tap, (k, k, C, F) in float32.
-
-  Tap (i, j) of the kernel sees the input shifted by (i - k//2, j - k//2), so its gradient
-  is that shifted input, flattened to (N*H*W, C), transposed times the output gradient
-  (N*H*W, F).
-  """
-  n, height, width, channels = x.shape
-  pad = kernel_size // 2
-  padded = jnp.pad(x, ((0, 0), (pad, kernel_size - 1 - pad), (pad, kernel_size - 1 - pad),
-                       (0, 0)))
-  grad = grad.reshape(n * height * width, -1)
-  taps = [jnp.matmul(padded[:, i:i + height, j:j + width].reshape(-1, channels).T, grad,
-                     preferred_element_type=jnp.float32)
-          for i in range(kernel_size) for j in range(kernel_size)]
-  return jnp.stack(taps).reshape(kernel_size, kernel_size, channels, grad.shape[-1])
-
-
-@jax.custom_vjp
-def conv_matmul_weight_grad(x: jax.Array, kernel: jax.Array) -> jax.Array:
-  """`_conv`, whose kernel gradient is `shifted_matmul_weight_grad` rather than XLA's.
-
-  XLA's CPU backend computes a kernel gradient as a convolution with an N x H x W window,
-  2-5x slower than the same FLOPs as matmuls where H and W are large (conv1-conv3): measured
-  by benchmarks/conv_grads.py. The value and the input gradient are XLA's.
-  """
-  return _conv(x, kernel)
-
-
-def _conv_fwd(x, kernel):
-  return _conv(x, kernel), (x, kernel)
-
-
-def _conv_bwd(residuals, grad):
-  x, kernel = residuals
-  _, input_vjp = jax.vjp(lambda x: _conv(x, kernel), x)
-  (grad_x,) = input_vjp(grad)
-  grad_kernel = shifted_matmul_weight_grad(x, grad, kernel.shape[0])
-  return grad_x, grad_kernel.astype(kernel.dtype)
-
-
-conv_matmul_weight_grad.defvjp(_conv_fwd, _conv_bwd)
-
-# How the convolutions' kernel gradients are computed (`VGG.weight_grad`).
-WEIGHT_GRADS = ('auto', 'conv', 'matmul')
-# 'auto' takes the matmuls for kernel gradients of at least this many FLOPs. Measured on a
-# 2-core CPU: net A at 128 x 128, batch 16 (0.9-5 GFLOP per layer) trains 1.8x faster with
-# them; the 1/8-width digits net at 32 x 32, batch 64 (under 0.08 GFLOP per layer) 1.5x
-# slower, its many small matmuls costing more than they save.
-MATMUL_WEIGHT_GRAD_MIN_FLOPS = 2 ** 28
-
-
-def uses_matmul_weight_grad(weight_grad: str, flops: float) -> bool:
-  """Whether a kernel gradient of `flops` FLOPs is computed as matmuls. 'auto': on CPU, where
-  XLA's kernel-gradient convolutions are slow, for large enough layers; XLA's convolution
-  elsewhere (cuDNN and the TPU compiler do it well)."""
-  if weight_grad not in WEIGHT_GRADS:
-    raise ValueError(f'weight_grad={weight_grad!r}: expected one of {", ".join(WEIGHT_GRADS)}.')
-  return weight_grad == 'matmul' or (weight_grad == 'auto' and jax.default_backend() == 'cpu'
-                                     and flops >= MATMUL_WEIGHT_GRAD_MIN_FLOPS)
-
-
 class Conv(nn.Module):
   """A stride-1 'SAME' k x k convolution with bias, parameters named as nn.Conv names them
   ('kernel' (k, k, C, F), 'bias'), with a choice of how its kernel gradient is computed
-  (`uses_matmul_weight_grad`)."""
+  (`ops.uses_matmul_weight_grad`)."""
   features: int
   kernel_size: int
   dtype: Dtype = jnp.float32
@@ -188,55 +126,9 @@ class Conv(nn.Module):
     bias = self.param('bias', self.bias_init, (self.features,), self.param_dtype)
     x, kernel, bias = nn.dtypes.promote_dtype(x, kernel, bias, dtype=self.dtype)
     flops = 2 * math.prod(x.shape[:-1]) * kernel.size
-    conv = conv_matmul_weight_grad if uses_matmul_weight_grad(self.weight_grad, flops) else _conv
+    conv = (ops.conv_matmul_weight_grad if ops.uses_matmul_weight_grad(self.weight_grad, flops)
+            else ops.conv)
     return conv(x, kernel) + bias
-
-
-def _window_corners(x: jax.Array) -> tuple[jax.Array, ...]:
-  """The four corners of every 2x2 window of x (N, H, W, C), in row-major window order."""
-  n, height, width, channels = x.shape
-  windows = x.reshape(n, height // 2, 2, width // 2, 2, channels)
-  return tuple(windows[:, :, i, :, j] for i in (0, 1) for j in (0, 1))
-
-
-@jax.custom_vjp
-def _max_pool_2x2(x: jax.Array) -> jax.Array:
-  top_left, top_right, bottom_left, bottom_right = _window_corners(x)
-  return jnp.maximum(jnp.maximum(top_left, top_right), jnp.maximum(bottom_left, bottom_right))
-
-
-def _max_pool_2x2_fwd(x):
-  y = _max_pool_2x2(x)
-  return y, (x, y)
-
-
-def _max_pool_2x2_bwd(residuals, grad):
-  """Each window's gradient goes to its first maximum, as XLA's select-and-scatter sends it."""
-  x, y = residuals
-  taken = jnp.zeros(y.shape, bool)
-  parts = []
-  for corner in _window_corners(x):
-    chosen = (corner == y) & ~taken
-    taken = taken | chosen
-    parts.append(jnp.where(chosen, grad, jnp.zeros((), grad.dtype)))
-  top, bottom = jnp.stack(parts[:2], axis=3), jnp.stack(parts[2:], axis=3)
-  n, height, width, channels = grad.shape
-  return (jnp.stack([top, bottom], axis=2).reshape(n, 2 * height, 2 * width, channels),)
-
-
-_max_pool_2x2.defvjp(_max_pool_2x2_fwd, _max_pool_2x2_bwd)
-
-
-def max_pool_2x2(x: jax.Array) -> jax.Array:
-  """Sec. 2.1's 2x2 max-pool with stride 2: `nn.max_pool`'s values and gradients, exactly.
-
-  Written as a maximum of the four window corners, with a backward pass of elementwise
-  selects, because XLA's CPU select-and-scatter (max_pool's gradient) is 4-10x slower
-  (benchmarks/conv_grads.py). Odd sizes (dense evaluation only) use `nn.max_pool`.
-  """
-  if x.shape[1] % 2 or x.shape[2] % 2:
-    return nn.max_pool(x, (2, 2), strides=(2, 2))
-  return _max_pool_2x2(x)
 
 
 def scaled(channels: int, width: float) -> int:
@@ -301,7 +193,7 @@ class VGG(nn.Module):
     init_std_as_full_size: scale each layer's 'paper' std by sqrt(its fan-in in the
       full-size net / its fan-in here) (`full_size_std`).
     weight_grad: how convolution kernel gradients are computed: 'conv' (XLA's convolution),
-      'matmul' (`conv_matmul_weight_grad`) or 'auto' (matmul for large layers on CPU only).
+      'matmul' (`ops.conv_matmul_weight_grad`) or 'auto' (matmul for large layers on CPU only).
       Same values.
   """
   variant: str = 'D'
@@ -361,7 +253,7 @@ class VGG(nn.Module):
         x = Conv(scaled(channels, self.width), size, name=name, weight_grad=self.weight_grad,
                  **init)(x)
         x = _keep_valid(nn.relu(x), sizes)
-      x = max_pool_2x2(x)
+      x = ops.max_pool_2x2(x)
       if sizes is not None:
         sizes = sizes // 2
         x = _keep_valid(x, sizes)
@@ -386,3 +278,12 @@ def layer_names(variant: str) -> Sequence[str]:
     convs = [spec for spec in layers if spec != LRN]
     names += [f'conv{block}_{i}' for i in range(1, len(convs) + 1)]
   return names + ['fc6', 'fc7', 'fc8']
+
+
+def create_model(config) -> VGG:
+  """The net a config describes (its Table 1 column, width, classes, dtype and initialiser)."""
+  return VGG(variant=config.variant, num_classes=config.num_classes,
+             dropout_rate=config.dropout_rate, dtype=DTYPES[config.dtype], width=config.width,
+             init_scheme=config.init, init_std=config.init_std,
+             init_std_as_full_size=config.get('init_std_as_full_size', False),
+             weight_grad=config.get('weight_grad', 'auto'))

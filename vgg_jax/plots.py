@@ -33,13 +33,10 @@ from tensorboard.backend.event_processing import event_accumulator
 from tensorboard.util import tensor_util
 
 from vgg_jax import cli
+from vgg_jax import report
 
 FLAGS = flags.FLAGS
-# allow_override: vgg_jax.evaluate also defines --workdir, and both may be imported in one process.
-flags.DEFINE_string('workdir', None, 'Training workdir whose summaries and results are plotted.',
-                    allow_override=True)
-flags.DEFINE_string('output', None, 'Directory for the PNGs and eval_table.md; default: '
-                    'WORKDIR/plots.', allow_override=True)
+
 
 
 def read_scalars(workdir: str) -> dict[str, tuple[np.ndarray, np.ndarray]]:
@@ -142,10 +139,6 @@ def compare_runs(runs: dict[str, Sequence[str]], tag: str, path: str, title: str
   return _save(fig, output)
 
 
-def _pct(value: float) -> str:
-  return f'{100 * value:.2f}'
-
-
 def _table(workdir: str) -> tuple[str, list[str], list[list[str]]]:
   """(title, header, rows): eval/results.json's protocols, or else eval_metrics.json."""
   results, final = (epath.Path(workdir) / 'eval' / 'results.json',
@@ -153,7 +146,7 @@ def _table(workdir: str) -> tuple[str, list[str], list[list[str]]]:
   if results.exists():
     entries = json.loads(results.read_text())
     rows = [[name, r['net'], str(r['train_scale']), ', '.join(map(str, r['scales'])),
-             _pct(r['top1_error']), _pct(r['top5_error']),
+             report.percent(r['top1_error']), report.percent(r['top5_error']),
              '—' if r.get('paper') is None else f'{r["paper"][0]:.1f} / {r["paper"][1]:.1f}']
             for name, r in sorted(entries.items(), key=lambda e: e[0].startswith('fused:'))]
     return (f'Test protocols of {workdir} (eval/results.json)',
@@ -163,8 +156,8 @@ def _table(workdir: str) -> tuple[str, list[str], list[list[str]]]:
     m = json.loads(final.read_text())
     return (f'Held-out error at the end of training of {workdir} (eval_metrics.json)',
             ['step', 'examples', 'top-1 err. (%)', 'top-5 err. (%)'],
-            [[str(m['step']), str(m['num_examples']), _pct(m['top1_error']),
-              _pct(m['top5_error'])]])
+            [[str(m['step']), str(m['num_examples']), report.percent(m['top1_error']),
+              report.percent(m['top5_error'])]])
   raise FileNotFoundError(f'Neither {results} nor {final}: finish training (python -m '
                           f'vgg_jax.main) or evaluate (python -m vgg_jax.evaluate) first.')
 
@@ -172,8 +165,7 @@ def _table(workdir: str) -> tuple[str, list[str], list[list[str]]]:
 def eval_table(workdir: str) -> str:
   """The evaluation results as markdown, errors in % with two decimals, paper numbers with one."""
   title, header, rows = _table(workdir)
-  return '\n'.join([f'## {title}', '', f'| {" | ".join(header)} |',
-                    '|' + '---|' * len(header), *(f'| {" | ".join(r)} |' for r in rows)]) + '\n'
+  return '\n'.join([f'## {title}', '', *report.markdown_table(header, rows)]) + '\n'
 
 
 def write_table(workdir: str, output_dir: str) -> list[str]:
@@ -194,6 +186,13 @@ def write_table(workdir: str, output_dir: str) -> list[str]:
   return [str(output / 'eval_table.md'), _save(fig, output / 'eval_table.png')]
 
 
+def define_flags() -> None:
+  """The CLI's flags, defined when it runs, not when the module is imported."""
+  flags.DEFINE_string('workdir', None, 'Training workdir whose summaries and results are plotted.')
+  flags.DEFINE_string('output', None, 'Directory for the PNGs and eval_table.md; default: '
+                      'WORKDIR/plots.')
+
+
 def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f'Unexpected arguments: {" ".join(argv[1:])}')
@@ -212,6 +211,7 @@ def main(argv):
 
 
 if __name__ == '__main__':
+  define_flags()
   # Here, not at import: importing this module must not make its flags required elsewhere.
   flags.mark_flags_as_required(['workdir'])
   app.run(main)

@@ -11,8 +11,9 @@ from typing import Optional
 
 from etils import epath
 
-from vgg_jax import config_validation
-from vgg_jax import evaluation
+from vgg_jax import default_config
+from vgg_jax import protocol
+
 
 JITTERED = (256, 512)
 # ILSVRC-2012 validation top-1 / top-5 error (%), keyed by (net, training scale S).
@@ -42,67 +43,72 @@ _TABLE_OF = {'single': 'Table 3', 'dense': 'Tables 4, 5', 'multicrop': 'Table 5'
 
 
 def _train_scale(config):
-  smin, smax = config_validation.scale_bounds(config.train_scale)
+  smin, smax = protocol.scale_bounds(config.train_scale)
   return smin if smin == smax else (smin, smax)
 
 
 def _is_paper_setting(config, split: str) -> bool:
-  return (config.dataset.split(':')[0].split('/')[0] == 'imagenet2012'
+  return (default_config.dataset_name(config.dataset) == 'imagenet2012'
           and split == 'validation' and config.width == 1.0 and config.image_size == 224
           and config.num_classes == 1000)
 
 
-def paper_result(config, protocol: str, scales, split: str) -> Optional[tuple[float, float]]:
+def paper_result(config, name: str, scales, split: str) -> Optional[tuple[float, float]]:
   """The paper's (top-1, top-5) error for this net and protocol, if it reports one."""
   if not _is_paper_setting(config, split):
     return None
   key = (config.variant, _train_scale(config))
-  if protocol == 'single':
-    return TABLE3.get(key) if list(scales) == [evaluation.single_test_scale(config)] else None
-  if list(scales) != sorted(evaluation.test_scales(config)):
+  if name == 'single':
+    return TABLE3.get(key) if list(scales) == [protocol.single_test_scale(config)] else None
+  if list(scales) != sorted(protocol.test_scales(config)):
     return None
-  if protocol == 'dense' and key in TABLE4:
+  if name == 'dense' and key in TABLE4:
     return TABLE4[key]
-  return TABLE5.get(key, {}).get(protocol)
+  return TABLE5.get(key, {}).get(name)
 
 
-def paper_fusion_result(configs, protocol: str, scales_per_net, split: str):
+def paper_fusion_result(configs, name: str, scales_per_net, split: str):
   """Table 6, when the fused nets are the paper's D and E at jittered S and 3 test scales."""
   if sorted(c.variant for c in configs) != ['D', 'E']:
     return None
   if not all(_is_paper_setting(c, split) and _train_scale(c) == JITTERED and
-             list(s) == sorted(evaluation.test_scales(c))
+             list(s) == sorted(protocol.test_scales(c))
              for c, s in zip(configs, scales_per_net)):
     return None
-  return TABLE6.get(protocol)
+  return TABLE6.get(name)
 
 
 def _scale_text(scale) -> str:
   return f'[{scale[0]}, {scale[1]}]' if isinstance(scale, tuple) else str(scale)
 
 
-def _pct(value) -> str:
+def percent(value: float) -> str:
+  """An error rate as the paper's tables print it: percent, two decimals."""
   return f'{100 * value:.2f}'
+
+
+def markdown_table(header, rows) -> list[str]:
+  """A markdown table's lines."""
+  return [f'| {" | ".join(header)} |', '|' + '---|' * len(header),
+          *(f'| {" | ".join(map(str, row))} |' for row in rows)]
 
 
 def markdown(results: dict, title: str) -> str:
   """results.json's entries as a table with the paper's columns (Tables 3-6)."""
-  lines = [f'# {title}', '',
-           '| method | ConvNet | train S | test Q | crops / image | top-1 err. (%) | '
-           'top-5 err. (%) | paper top-1 / top-5 (%) | img/s | checkpoint step |',
-           '|---|---|---|---|---|---|---|---|---|---|']
-  order = {p: i for i, p in enumerate(evaluation.PROTOCOLS)}
+  header = ['method', 'ConvNet', 'train S', 'test Q', 'crops / image', 'top-1 err. (%)',
+            'top-5 err. (%)', 'paper top-1 / top-5 (%)', 'img/s', 'checkpoint step']
+  order = {p: i for i, p in enumerate(protocol.PROTOCOLS)}
+  rows = []
   for name in sorted(results, key=lambda n: (n.startswith('fused:'),
                                              order.get(n.split(':')[-1], 99), n)):
     r = results[name]
-    protocol = name.split(':')[-1]
-    method = f'{protocol} ({"Table 6" if name.startswith("fused:") else _TABLE_OF[protocol]})'
+    base = name.split(':')[-1]
+    method = f'{base} ({"Table 6" if name.startswith("fused:") else _TABLE_OF[base]})'
     paper = '—' if r.get('paper') is None else f'{r["paper"][0]} / {r["paper"][1]}'
-    lines.append(
-        f'| {method} | {r["net"]} | {r["train_scale"]} | '
-        f'{", ".join(map(str, r["scales"]))} | {r["crops_per_image"]} | '
-        f'{_pct(r["top1_error"])} | {_pct(r["top5_error"])} | {paper} | '
-        f'{r["img_per_s"]:.1f} | {r["step"]} |')
+    rows.append([method, r['net'], r['train_scale'], ', '.join(map(str, r['scales'])),
+                 r['crops_per_image'], percent(r['top1_error']), percent(r['top5_error']),
+                 paper, f'{r["img_per_s"]:.1f}', r['step']])
+  lines = [f'# {title}', '', *markdown_table(header, rows)]
   lines += ['', 'Errors over all %d examples (exact counts). Views per image: dense, the '
             'whole image per scale; multi-crop, a 5x5 grid of crops per scale; each also '
             'flipped when config.test_flip (Sec. 3.2). img/s: steady state, compilation '
@@ -118,9 +124,9 @@ def describe(config) -> dict:
 def annotate(results: dict, config, step: int, split: str) -> dict:
   """Adds to each protocol's results the net, its training scale, the checkpoint step and
   the paper's figure for the same experiment (None where the paper has none)."""
-  return {protocol: {**r, **describe(config), 'step': step,
-                     'paper': paper_result(config, protocol, r['scales'], split)}
-          for protocol, r in results.items()}
+  return {name: {**r, **describe(config), 'step': step,
+                     'paper': paper_result(config, name, r['scales'], split)}
+          for name, r in results.items()}
 
 
 def write(workdir: str, results: dict, title: str) -> str:

@@ -21,7 +21,8 @@ from vgg_jax import models
 from vgg_jax import preprocess
 
 AXIS = 'batch'
-DTYPES = {'float32': jnp.float32, 'bfloat16': jnp.bfloat16, 'float16': jnp.float16}
+# Where the learning rate enters momentum SGD (`create_optimizer`).
+SGD_FORMS = ('caffe', 'pytorch')
 
 
 class TrainState(train_state.TrainState):
@@ -57,14 +58,6 @@ def prefetch_to_device(batches: Iterator, size: int = 2) -> Iterator:
     if len(queue) > size:
       yield queue.pop(0)
   yield from queue
-
-
-def create_model(config) -> models.VGG:
-  return models.VGG(variant=config.variant, num_classes=config.num_classes,
-                    dropout_rate=config.dropout_rate, dtype=DTYPES[config.dtype],
-                    width=config.width, init_scheme=config.init, init_std=config.init_std,
-                    init_std_as_full_size=getattr(config, 'init_std_as_full_size', False),
-                    weight_grad=getattr(config, 'weight_grad', 'auto'))
 
 
 def _decay_mask(params):
@@ -156,7 +149,7 @@ def init_params(model: models.VGG, rng: jax.Array, dummy: jax.Array):
 def create_train_state(config, rng: jax.Array, image_size: int, params=None) -> TrainState:
   """Fresh optimiser state, all float32 (whatever `config.dtype` computes in), for fresh
   parameters or the given ones (a run seeded from another, Sec. 3.1)."""
-  model = create_model(config)
+  model = models.create_model(config)
   if params is None:
     dummy = jnp.zeros((1, image_size, image_size, 3), jnp.float32)
     params = init_params(model, rng, dummy)
@@ -216,7 +209,7 @@ def train_step(state: TrainState, batch: dict[str, jax.Array], rng: jax.Array, *
   color_rng, dropout_rng = device_rngs(rng, state.step)
   images = preprocess.train_images(batch['image'], color_rng,
                                    preprocess.Normalization.from_config(config),
-                                   config.color_shift_std, DTYPES[config.dtype])
+                                   config.color_shift_std, models.DTYPES[config.dtype])
 
   def loss_fn(params, images, labels, dropout_rng):
     logits = state.apply_fn({'params': params}, images, train=True,
@@ -273,7 +266,7 @@ def eval_step(state: TrainState, batch: dict[str, jax.Array], *,
   """Sums of loss, top-1 and top-5 errors and example counts over the unmasked examples of
   all devices: exact totals, whatever the padding."""
   images = preprocess.normalize(batch['image'], preprocess.Normalization.from_config(config),
-                                DTYPES[config.dtype])
+                                models.DTYPES[config.dtype])
   logits = state.apply_fn({'params': state.params}, images, train=False)
   metrics = classification_metrics(logits, batch['label'])
   mask = batch['mask'].astype(jnp.float32)

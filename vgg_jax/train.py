@@ -13,12 +13,13 @@ checkpoint intact.
 """
 
 import contextlib
+import dataclasses
 import functools
 import json
 import os
 import signal
 import threading
-import time
+from typing import Any
 
 from absl import logging
 from clu import metric_writers
@@ -29,29 +30,14 @@ import numpy as np
 
 from vgg_jax import checkpoints
 from vgg_jax import config_validation
+from vgg_jax import errors
 from vgg_jax import evaluation
+from vgg_jax import init_from
 from vgg_jax import input_pipeline
+from vgg_jax import progress as progress_lib
+from vgg_jax import protocol
 from vgg_jax import report
 from vgg_jax import steps
-
-
-class Progress:
-  """Console progress between two log points: img/s and ETA, first compilation excluded."""
-
-  def __init__(self, num_steps: int, global_batch: int):
-    self.num_steps, self.global_batch = num_steps, global_batch
-    self.last_step, self.last_time = None, None
-
-  def restart(self, step: int) -> None:
-    """Start timing from `step` (after compilation, after an evaluation)."""
-    self.last_step, self.last_time = step, time.perf_counter()
-
-  def rate(self, step: int) -> tuple[float, float]:
-    """(images per second, seconds left) since the last restart, then restarts at `step`."""
-    elapsed = time.perf_counter() - self.last_time
-    steps_per_s = (step - self.last_step) / max(elapsed, 1e-9)
-    self.restart(step)
-    return steps_per_s * self.global_batch, (self.num_steps - step) / max(steps_per_s, 1e-9)
 
 
 class NonFiniteError(RuntimeError):
@@ -103,12 +89,6 @@ def check_finite(history: list, state, config) -> None:
                     step, name, value, int(jax.device_get(state.nonfinite_steps)))
 
 
-def _duration(seconds: float) -> str:
-  minutes, seconds = divmod(int(round(seconds)), 60)
-  hours, minutes = divmod(minutes, 60)
-  return f'{hours}h{minutes:02d}m{seconds:02d}s' if hours else f'{minutes}m{seconds:02d}s'
-
-
 def evaluate(p_eval_step, state, builder, config) -> dict:
   """Loss and top-1/top-5 error over every example of the eval split (exact counts)."""
   ds, _ = input_pipeline.eval_dataset(builder, config)
@@ -129,14 +109,13 @@ def evaluate_protocols(state, builder, config, workdir: str, step: int, writer,
   Results go to TensorBoard as test/PROTOCOL/top{1,5}_error; the final ones also to
   WORKDIR/eval/results.json and results.md, as `python -m vgg_jax.evaluate` writes them.
   """
-  protocols = config_validation.parse_protocols(config.eval_protocols,
-                                                name='config.eval_protocols')
+  protocols = protocol.parse_protocols(config.eval_protocols, name='config.eval_protocols')
   num_examples = -(-builder.info.splits[config.eval_split].num_examples // jax.process_count())
   results, _ = evaluation.run(state.params, config, protocols,
                               functools.partial(input_pipeline.test_batch_iterator, builder, config),
                               num_examples)
-  writer.write_scalars(step, {f'test/{protocol}/{metric}': r[metric]
-                              for protocol, r in results.items()
+  writer.write_scalars(step, {f'test/{name}/{metric}': r[metric]
+                              for name, r in results.items()
                               for metric in ('top1_error', 'top5_error')})
   if final and jax.process_index() == 0:
     report.write(workdir, report.annotate(results, config, step, config.eval_split),
@@ -166,26 +145,35 @@ def check_workdir(workdir: str) -> None:
     probe.write_text('')
     probe.unlink()
   except OSError as e:
-    raise config_validation.ConfigError(
+    raise errors.ConfigError(
         f'--workdir={workdir!r}: cannot write there ({e.strerror or e}); choose a directory '
         'this job can create and write.') from e
 
 
-def train_and_evaluate(config, workdir: str) -> dict:
-  """Trains `config` in `workdir` (resuming if it holds checkpoints); returns the final
-  held-out metrics, also written to WORKDIR/eval_metrics.json. A run stopped by SIGTERM
-  returns {'preempted_at_step': step} after checkpointing that step."""
-  config = checkpoints.with_source_normalization(config)
+@dataclasses.dataclass(frozen=True)
+class Plan:
+  """What preflight settled: the config to run (with init_from's normalisation), the data and
+  the schedule."""
+  config: Any
+  builder: Any
+  num_steps: int
+  eval_every: int
+
+
+def preflight(config, workdir: str) -> Plan:
+  """Every check that can fail on the config, the workdir or the dataset, before anything
+  is compiled or written but classes.json: a mistake costs seconds, not a queue slot."""
+  config = init_from.with_source_normalization(config)
   config_validation.validate(config, jax.device_count())
-  resuming = checkpoints.check_resume(workdir, config)
+  resuming = init_from.check_resume(workdir, config)
   builder = input_pipeline.get_builder(config)
   dataset_classes = input_pipeline.num_classes(builder)
   if dataset_classes != config.num_classes:
-    raise config_validation.ConfigError(
+    raise errors.ConfigError(
         f'config.num_classes={config.num_classes}: {config.dataset} has {dataset_classes} '
         f'classes; set --config.num_classes={dataset_classes}.')
   if not resuming and config.get('init_from'):
-    checkpoints.check_init_from(config)
+    init_from.check_init_from(config)
   check_workdir(workdir)
   checkpoints.write_class_names(workdir, input_pipeline.class_names(builder))
   sizes = input_pipeline.train_sizes(builder, config)
@@ -195,19 +183,40 @@ def train_and_evaluate(config, workdir: str) -> dict:
   logging.info('%s on %s: %d steps of %d images (%d per epoch), %d device(s) in %d process(es).',
                config.variant, config.dataset, num_steps, config.batch_size,
                sizes.steps_per_epoch, jax.device_count(), jax.process_count())
+  return Plan(config, builder, num_steps, eval_every)
 
-  init_rng, step_rng = jax.random.split(jax.random.key(config.seed))
+
+def initial_state(config, manager, init_rng: jax.Array) -> steps.TrainState:
+  """The run's first state, from (in this order) the workdir's newest checkpoint, the
+  layers config.init_from seeds, or a fresh initialisation."""
   state = steps.create_train_state(config, init_rng, config.image_size)
-  manager = checkpoints.create_manager(workdir, config)
   restored = checkpoints.restore_latest(manager, state)
   if restored is not None:
-    state = restored
-    logging.info('Resumed from %s at step %d.', manager.directory, int(state.step))
-  elif config.get('init_from'):
-    params = checkpoints.seed_params(jax.device_get(state.params), config)
-    state = steps.create_train_state(config, init_rng, config.image_size, params=params)
-  start_step = int(jax.device_get(state.step))
+    logging.info('Resumed from %s at step %d.', manager.directory, int(restored.step))
+    return restored
+  if config.get('init_from'):
+    params = init_from.seed_params(jax.device_get(state.params), config)
+    return steps.create_train_state(config, init_rng, config.image_size, params=params)
+  return state
 
+
+def train_and_evaluate(config, workdir: str) -> dict:
+  """Trains `config` in `workdir` (resuming if it holds checkpoints); returns the final
+  held-out metrics, also written to WORKDIR/eval_metrics.json. A run stopped by SIGTERM
+  returns {'preempted_at_step': step} after checkpointing that step."""
+  plan = preflight(config, workdir)
+  init_rng, step_rng = jax.random.split(jax.random.key(plan.config.seed))
+  with checkpoints.create_manager(workdir, plan.config) as manager:
+    state = initial_state(plan.config, manager, init_rng)
+    return _train(plan, workdir, manager, state, step_rng)
+
+
+def _train(plan: Plan, workdir: str, manager, state: steps.TrainState,
+           step_rng: jax.Array) -> dict:
+  """The loop: steps, logs, evaluations, the plateau rule, checkpoints, preemption."""
+  config, builder, num_steps, eval_every = (plan.config, plan.builder, plan.num_steps,
+                                            plan.eval_every)
+  start_step = int(jax.device_get(state.step))
   writer = _create_writer(workdir)
   if start_step == 0:
     writer.write_hparams({k: str(v) for k, v in config.to_dict().items()})
@@ -215,7 +224,7 @@ def train_and_evaluate(config, workdir: str) -> dict:
   p_eval_step = steps.pmap_eval_step(config)
   batches = steps.prefetch_to_device(
       input_pipeline.as_numpy(input_pipeline.train_dataset(builder, config, start_step)))
-  progress = Progress(num_steps, config.batch_size)
+  progress = progress_lib.Progress(num_steps, config.batch_size)
   preemption = Preemption()
   pending, history, eval_metrics, eval_step = [], [], None, None
 
@@ -246,7 +255,7 @@ def train_and_evaluate(config, workdir: str) -> dict:
         logging.info('step %d/%d: loss %.4f, top-1 err %.2f%%, top-5 err %.2f%%, lr %.3g, '
                      '%.1f img/s, ETA %s', step, num_steps, summary['loss'],
                      100 * summary['top1_error'], 100 * summary['top5_error'],
-                     summary['learning_rate'], img_per_s, _duration(eta))
+                     summary['learning_rate'], img_per_s, progress_lib.duration(eta))
       if step % eval_every == 0 or step == num_steps:
         eval_metrics, eval_step = evaluate(p_eval_step, state, builder, config), step
         writer.write_scalars(step, {f'eval/{k}': v for k, v in eval_metrics.items()})

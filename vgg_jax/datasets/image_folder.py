@@ -38,7 +38,8 @@ import numpy as np
 import tensorflow as tf
 import tensorflow_datasets as tfds
 
-from vgg_jax import config_validation
+from vgg_jax import errors
+
 
 PREFIX = 'folder:'
 DEFAULT_MAX_IMAGE_PIXELS = 40_000_000
@@ -94,7 +95,7 @@ def scan_layout(root: str) -> Layout:
   expected = ('expected ROOT/<split>/<class>/<image files>, e.g. ROOT/train/cat/1.jpg and '
               'ROOT/val/cat/2.jpg')
   if not os.path.isdir(root):
-    raise config_validation.ConfigError(f'{field}: {root} is not a directory; {expected}.')
+    raise errors.ConfigError(f'{field}: {root} is not a directory; {expected}.')
   splits = {}
   for name in _subdirs(root):
     classes = _subdirs(os.path.join(root, name))
@@ -105,11 +106,11 @@ def scan_layout(root: str) -> Layout:
     if _subdirs(root):
       hint = (f' Its subdirectories hold no class directories: if they are the classes, move '
               f'them into {os.path.join(root, "train")}.')
-    raise config_validation.ConfigError(
+    raise errors.ConfigError(
         f'{field}: no split directory with class directories in {root}; {expected}.{hint}')
   for name in splits:
     if not re.fullmatch(r'[A-Za-z0-9_]+', name):
-      raise config_validation.ConfigError(
+      raise errors.ConfigError(
           f'{field}: split directory {os.path.join(root, name)!r} is not a valid tfds split '
           'name; use letters, digits and _ only (e.g. train, val, test).')
   reference = 'train' if 'train' in splits else next(iter(splits))
@@ -117,7 +118,7 @@ def scan_layout(root: str) -> Layout:
   for name, split_classes in splits.items():
     unknown = sorted(set(split_classes) - set(classes))
     if unknown:
-      raise config_validation.ConfigError(
+      raise errors.ConfigError(
           f'{field}: {os.path.join(root, name, unknown[0])} is a class the {reference} split '
           f'does not have ({len(unknown)} such in {name}: {", ".join(unknown[:10])}); every '
           f'split must use the classes of {os.path.join(root, reference)} or a subset.')
@@ -408,7 +409,7 @@ class ImageFolder(tfds.core.GeneratorBasedBuilder, skip_registration=True):
       prefix = f'{split}/{empty[0]}/'
       skipped = [f'{p[len(prefix):]} ({why})' for p, why in self._bad_files['skipped'].items()
                  if p.startswith(prefix)]
-      raise config_validation.ConfigError(
+      raise errors.ConfigError(
           f'config.dataset={PREFIX + root!r}: {os.path.join(root, split, empty[0])} has no '
           f'usable image (skipped: {", ".join(skipped[:10]) or "none, it is empty"}); add images '
           f'or remove the directory. {len(empty)} such class directories in {split}: '
@@ -423,7 +424,7 @@ def _strict_error(root: str, problems: list[tuple[str, Verdict]]) -> Exception:
   if len(problems) > 1:
     listed = ', '.join(p for p, _ in problems[1:11])
     more = f' {len(problems) - 1} more files have problems (all are logged): {listed}.'
-  return config_validation.ConfigError(
+  return errors.ConfigError(
       f'config.strict_data=True: {os.path.join(root, relpath)} is {verdict.problem}; fix or '
       'remove it, or set --config.strict_data=False to have such files '
       f'{verdict.fix} (and listed in {BAD_FILES}).{more}')
@@ -466,12 +467,12 @@ def prepared_builder(config) -> ImageFolder:
   """The builder of `config.dataset='folder:ROOT'`, prepared into config.data_dir if need be."""
   root = config.dataset[len(PREFIX):]
   if not root:
-    raise config_validation.ConfigError(
+    raise errors.ConfigError(
         f'config.dataset={config.dataset!r}: give the folder, e.g. folder:/data/photos, holding '
         'ROOT/<split>/<class>/<image files>.')
   max_pixels = config.get('max_image_pixels', DEFAULT_MAX_IMAGE_PIXELS)
   if isinstance(max_pixels, bool) or not isinstance(max_pixels, int) or max_pixels <= 0:
-    raise config_validation.ConfigError(
+    raise errors.ConfigError(
         f'config.max_image_pixels={max_pixels!r}: must be a positive int, e.g. 40_000_000.')
   builder = ImageFolder(config=builder_config(root, config.get('strict_data', False), max_pixels),
                         data_dir=config.data_dir)
@@ -485,7 +486,7 @@ def prepared_builder(config) -> ImageFolder:
     names = [part.split('[')[0].strip() for part in (spec or '').split('+')]
     missing = [name for name in names if name and name not in splits]
     if missing:
-      raise config_validation.ConfigError(
+      raise errors.ConfigError(
           f'config.{field}={spec!r}: the image folder {builder.builder_config.root} has no '
           f'split {missing[0]!r}; its splits are {", ".join(sorted(splits))}.')
   return builder
