@@ -14,6 +14,7 @@ arrays, each written once. `_to_global` and `_to_local` convert between the two,
 process of a multi-host run takes part in a checkpoint with nothing duplicated.
 """
 
+import contextlib
 import json
 import os
 from typing import Any, Optional, Sequence
@@ -53,9 +54,17 @@ def _manager(directory: str, **options) -> ocp.CheckpointManager:
 
 def create_manager(workdir: str, config) -> ocp.CheckpointManager:
   """Saves asynchronously into WORKDIR/checkpoints, keeping the newest `keep_checkpoints`.
-  The caller closes it."""
+  `close` it when done."""
   return _manager(checkpoint_dir(workdir), max_to_keep=config.keep_checkpoints, create=True,
                   cleanup_tmp_directories=True)
+
+
+def close(manager: ocp.CheckpointManager) -> None:
+  """Closes `manager` once a run is done with it. A save that failed has been reported by
+  `wait_until_finished`, or is secondary to whatever stopped the run, so it is not raised
+  again here."""
+  with contextlib.suppress(Exception):
+    manager.close()
 
 
 def _saved(state) -> dict:

@@ -47,7 +47,7 @@ class Mode:
 
 MODES = {
     'net_a': Mode(('A', 'A-LRN'), ('width', 'num_classes', 'image_size'),
-                  lambda names: NET_A_LAYERS, 'seeds deeper nets from net A (Sec. 3.1)'),
+                  lambda names: NET_A_LAYERS, 'seeds from net A (Sec. 3.1)'),
     'all': Mode(None, SHAPE_FIELDS, lambda names: names,
                 'continues the same net (the S = 384 net from S = 256, jittered S from 384)'),
     'finetune': Mode(None, ('variant', 'width', 'image_size'),

@@ -117,7 +117,6 @@ class Conv(nn.Module):
   bias_init: Callable = nn.initializers.zeros
   weight_grad: str = 'auto'
 
-
   @nn.compact
   def __call__(self, x: jax.Array) -> jax.Array:
     kernel = self.param('kernel', self.kernel_init,
@@ -285,5 +284,5 @@ def create_model(config) -> VGG:
   return VGG(variant=config.variant, num_classes=config.num_classes,
              dropout_rate=config.dropout_rate, dtype=DTYPES[config.dtype], width=config.width,
              init_scheme=config.init, init_std=config.init_std,
-             init_std_as_full_size=config.get('init_std_as_full_size', False),
-             weight_grad=config.get('weight_grad', 'auto'))
+             init_std_as_full_size=getattr(config, 'init_std_as_full_size', False),
+             weight_grad=getattr(config, 'weight_grad', 'auto'))

@@ -206,9 +206,12 @@ def train_and_evaluate(config, workdir: str) -> dict:
   returns {'preempted_at_step': step} after checkpointing that step."""
   plan = preflight(config, workdir)
   init_rng, step_rng = jax.random.split(jax.random.key(plan.config.seed))
-  with checkpoints.create_manager(workdir, plan.config) as manager:
+  manager = checkpoints.create_manager(workdir, plan.config)
+  try:
     state = initial_state(plan.config, manager, init_rng)
     return _train(plan, workdir, manager, state, step_rng)
+  finally:
+    checkpoints.close(manager)
 
 
 def _train(plan: Plan, workdir: str, manager, state: steps.TrainState,
