@@ -25,13 +25,18 @@ class Progress:
 
   def rate(self, done: int) -> tuple[float, float]:
     """(images per second, seconds left) since the last restart, then restarts at `done`."""
-    units_per_s = (done - self.last_done) / max(self.seconds_since_restart(), 1e-9)
+    units, seconds = done - self.last_done, self.seconds_since_restart()
     self.restart(done)
-    return units_per_s * self.size, (self.total - done) / max(units_per_s, 1e-9)
+    if units <= 0:  # Nothing done since the restart (a log right after compiling): no rate.
+      return float('nan'), float('nan')
+    units_per_s = units / max(seconds, 1e-9)
+    return units_per_s * self.size, (self.total - done) / units_per_s
 
 
 def duration(seconds: float) -> str:
-  """'1h02m03s', or '2m03s' under an hour."""
+  """'1h02m03s', or '2m03s' under an hour; '?' when unknown."""
+  if seconds != seconds:  # NaN
+    return '?'
   minutes, seconds = divmod(int(round(seconds)), 60)
   hours, minutes = divmod(minutes, 60)
   return f'{hours}h{minutes:02d}m{seconds:02d}s' if hours else f'{minutes}m{seconds:02d}s'
