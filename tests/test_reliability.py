@@ -89,7 +89,7 @@ def test_sigterm_saves_the_current_step_exits_zero_and_the_rerun_resumes_there(
 
 @pytest.mark.slow
 def test_sigkill_at_random_moments_and_mid_write_loses_nothing(tmp_path, digits_config):
-  """Three trials of tests/fault_injection.py (README: `python -m tests.fault_injection`)."""
+  """Three trials of tests/fault_injection.py (docs/reliability.md: `python -m tests.fault_injection`)."""
   lines = []
   summary = fault_injection.run_trials(3, str(tmp_path), digits_config.data_dir,
                                        seed=int(fresh_rng().integers(1 << 30)), max_kills=1,

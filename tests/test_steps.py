@@ -322,8 +322,11 @@ def test_models_steps_evaluation_and_checkpoints_import_without_tensorflow():
   """Accelerator images often lack TensorFlow, maybe ml_collections too: only the input
   pipeline may need TensorFlow, and the GPU benchmarks must run there unchanged."""
   checks = [
-      ('tensorflow', 'vgg_jax.models, vgg_jax.steps, vgg_jax.preprocess, vgg_jax.checkpoints, '
+      ('tensorflow', 'vgg_jax.models, vgg_jax.ops, vgg_jax.protocol, vgg_jax.steps, '
+                     'vgg_jax.preprocess, vgg_jax.checkpoints, vgg_jax.init_from, '
                      'vgg_jax.config_validation, vgg_jax.evaluation, vgg_jax.report'),
+      # Sec. 3.2's rules are pure Python.
+      ('jax, flax, numpy, tensorflow', 'vgg_jax.protocol'),
       ('tensorflow', 'vgg_jax, vgg_jax.inference, vgg_jax.convert'),
       # One benchmark per process: each defines its own absl flags.
       ('tensorflow, ml_collections', 'vgg_jax.summary, benchmarks.eval_cost'),
