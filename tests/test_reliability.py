@@ -45,8 +45,9 @@ def all_finite(tree) -> bool:
 
 
 @pytest.mark.slow
-def test_sigterm_saves_the_current_step_exits_zero_and_the_rerun_resumes_there(
-    tmp_path, digits_config):
+@pytest.mark.parametrize('signum', [signal.SIGTERM, signal.SIGINT], ids=['SIGTERM', 'Ctrl-C'])
+def test_sigterm_or_ctrl_c_saves_the_current_step_exits_zero_and_the_rerun_resumes_there(
+    tmp_path, digits_config, signum):
   flags = ['--config=experiments/digits.py', f'--workdir={tmp_path}',
            *[f'--config.{k}={v}' for k, v in {**TINY, 'checkpoint_every_steps': 1000}.items()],
            f'--config.data_dir={digits_config.data_dir}']
@@ -66,7 +67,7 @@ def test_sigterm_saves_the_current_step_exits_zero_and_the_rerun_resumes_there(
   reader = threading.Thread(target=read, daemon=True)
   reader.start()
   assert seen.wait(300), ''.join(lines[-20:])
-  process.send_signal(signal.SIGTERM)
+  process.send_signal(signum)
   sent = time.monotonic()
   code = process.wait(120)
   seconds = time.monotonic() - sent
@@ -74,10 +75,14 @@ def test_sigterm_saves_the_current_step_exits_zero_and_the_rerun_resumes_there(
   log = ''.join(lines)
   assert code == 0, log[-3000:]
   assert seconds < 20, seconds
-  step = int(re.search(r'Preempted \(SIGTERM\) at step (\d+)', log).group(1))
+  name = 'SIGTERM' if signum == signal.SIGTERM else 'Ctrl-C'
+  step = int(re.search(rf'Stopped by {name} at step (\d+): its checkpoint is saved', log).group(1))
   assert 5 <= step < 1000  # Not a scheduled checkpoint: the one the signal asked for.
   assert checkpoints.latest_step(str(tmp_path)) == step
   assert not (tmp_path / 'eval_metrics.json').exists()
+  assert 'Traceback' not in log and 'KeyboardInterrupt' not in log
+  if signum == signal.SIGINT:
+    return  # Resuming is the same for both.
 
   rerun = subprocess.run([sys.executable, '-m', 'vgg_jax.main', *flags,
                           f'--config.num_train_steps={step + 2}'], cwd=REPO, env=env,
@@ -85,6 +90,20 @@ def test_sigterm_saves_the_current_step_exits_zero_and_the_rerun_resumes_there(
   assert rerun.returncode == 0, rerun.stderr[-3000:]
   assert f'at step {step}.' in rerun.stderr
   assert checkpoints.latest_step(str(tmp_path)) == step + 2
+
+
+def test_a_first_ctrl_c_asks_the_loop_to_stop_and_a_second_aborts():
+  before = signal.getsignal(signal.SIGINT)
+  preemption = train.Preemption()
+  try:
+    assert not preemption.reached(1)
+    signal.raise_signal(signal.SIGINT)
+    assert preemption.reached(2) and preemption.requested_by == 'Ctrl-C'
+    with pytest.raises(KeyboardInterrupt):
+      signal.raise_signal(signal.SIGINT)
+  finally:
+    preemption.close()
+  assert signal.getsignal(signal.SIGINT) is before
 
 
 @pytest.mark.slow
@@ -337,3 +356,4 @@ def test_cli_reports_a_bad_config_in_one_line_without_a_traceback(tmp_path):
   assert 'Traceback' not in result.stderr
   assert result.stderr.strip().splitlines()[-1].startswith(
       'vgg_jax.main: config.train_scale=(40, 32): Smin=40 > Smax=32'), result.stderr[-2000:]
+  assert result.stderr.count('Smin=40 > Smax=32') == 1, result.stderr[-2000:]

@@ -90,8 +90,10 @@ def main(argv):
     train.train_and_evaluate(FLAGS.config, FLAGS.workdir)
   except (errors.ConfigError, train.NonFiniteError,
           checkpoints.CheckpointWriteError) as e:
-    logging.error('%s', e)
     sys.exit(f'vgg_jax.main: {e}')
+  except KeyboardInterrupt:
+    sys.exit(f'vgg_jax.main: aborted (Ctrl-C); the checkpoints already in {FLAGS.workdir} are '
+             'whole: run the same command again to resume from the newest.')
 
 
 if __name__ == '__main__':

@@ -6,10 +6,10 @@ plateau rule of Sec. 3.1; writes TensorBoard summaries and, at the end,
 WORKDIR/eval_metrics.json.
 
 Runs last days on preemptible machines, so: every check that can fail on the config, the
-workdir or the dataset runs before anything compiles; SIGTERM (the preemption notice) saves
-the current step and returns; a non-finite loss or gradient never reaches the parameters and
-stops the run before it is checkpointed; a failed checkpoint write stops it with the previous
-checkpoint intact.
+workdir or the dataset runs before anything compiles; SIGTERM (the preemption notice) and
+Ctrl-C save the current step and return; a non-finite loss or gradient never reaches the
+parameters and stops the run before it is checkpointed; a failed checkpoint write stops it
+with the previous checkpoint intact.
 """
 
 import contextlib
@@ -45,30 +45,40 @@ class NonFiniteError(RuntimeError):
 
 
 class Preemption:
-  """Whether the run has been asked to stop (SIGTERM, the preemption notice of cloud VMs).
+  """Whether the run has been asked to stop: SIGTERM (the preemption notice of cloud VMs) or,
+  in one process, Ctrl-C (SIGINT). Either saves the current step and returns; a second Ctrl-C
+  aborts at once (KeyboardInterrupt), leaving the checkpoints already written.
 
-  One process: a SIGTERM handler sets a flag, read between steps. Several processes: JAX's
-  preemption service (started by jax.distributed) catches the signal on any of them and agrees
-  on a step at which all save together.
+  One process: the handlers set a flag, read between steps. Several processes: JAX's
+  preemption service (started by jax.distributed) catches SIGTERM on any of them and agrees on
+  a step at which all save together; Ctrl-C keeps Python's default there, as the processes
+  could not agree on a step for it.
   """
 
+  NAMES = {signal.SIGTERM: 'SIGTERM', signal.SIGINT: 'Ctrl-C'}
+
   def __init__(self):
-    self.requested, self._previous = False, None
+    self.requested_by, self._previous = None, {}
     if jax.process_count() == 1 and threading.current_thread() is threading.main_thread():
-      self._previous = signal.signal(signal.SIGTERM, self._handle)
+      self._previous = {signum: signal.signal(signum, self._handle) for signum in self.NAMES}
 
   def _handle(self, signum, frame):
-    del signum, frame
-    self.requested = True
+    del frame
+    if self.requested_by is not None and signum == signal.SIGINT:
+      raise KeyboardInterrupt
+    if self.requested_by is None:
+      logging.warning('%s: saving the current step, then stopping%s.', self.NAMES[signum],
+                      ' (Ctrl-C again aborts at once)' if signum == signal.SIGINT else '')
+    self.requested_by = self.requested_by or self.NAMES[signum]
 
   def reached(self, step: int) -> bool:
     if jax.process_count() > 1:
       return multihost_utils.reached_preemption_sync_point(step)
-    return self.requested
+    return self.requested_by is not None
 
   def close(self) -> None:
-    if self._previous is not None:
-      signal.signal(signal.SIGTERM, self._previous)
+    for signum, previous in self._previous.items():
+      signal.signal(signum, previous)
 
 
 def check_finite(history: list, state, config) -> None:
@@ -282,8 +292,9 @@ def _train(plan: Plan, workdir: str, manager, state: steps.TrainState,
       if preempted:
         checkpoints.wait_until_finished(manager)
         writer.flush()
-        logging.warning('Preempted (SIGTERM) at step %d: its checkpoint is saved in %s. Run '
-                        'the same command again to resume there.', step, manager.directory)
+        logging.warning('Stopped by %s at step %d: its checkpoint is saved in %s. Run the '
+                        'same command again to resume there.', preemption.requested_by or
+                        'SIGTERM', step, manager.directory)
         return {'preempted_at_step': step}
     checkpoints.wait_until_finished(manager)
   except BaseException:
