@@ -308,6 +308,10 @@ BAD_RUNS = [
      'positive'),
     ('bad checkpoint interval', {'checkpoint_every_steps': 0}, 'checkpoint_every_steps',
      'positive'),
+    # 40 examples, 8 devices: the largest batch is 40, half of it rounded to the devices 16.
+    ('batch larger than the split', {'train_split': 'train[:40]'}, 'batch_size',
+     r"larger than the 'train\[:40\]' split of sklearn_digits \(40 examples\).*at most 40, "
+     r'e\.g\. --config\.batch_size=16\.$'),
 ]
 
 
@@ -345,6 +349,26 @@ def test_cli_names_a_mistyped_config_field_and_the_near_ones(tmp_path):
   assert ("--config.learning_rat=0.1: experiments/digits.py has no field 'learning_rat'. "
           'Did you mean learning_rate') in result.stderr, result.stderr[-2000:]
   assert 'Traceback' not in result.stderr
+
+
+def test_an_empty_workdir_is_refused_before_anything_is_written(tmp_path, digits_config,
+                                                                 monkeypatch):
+  """An unset shell variable in --workdir=$DIR would train into the current directory."""
+  monkeypatch.chdir(tmp_path)
+  with pytest.raises(errors.ConfigError, match=r"^--workdir='': empty .*e\.g\. --workdir="):
+    train.train_and_evaluate(tiny_config(digits_config), '')
+  assert os.listdir(tmp_path) == []
+
+
+def test_cli_names_a_missing_config_file_and_the_one_it_is_near(tmp_path):
+  result = subprocess.run(
+      [sys.executable, '-m', 'vgg_jax.main', '--config=experiments/digit.py',
+       f'--workdir={tmp_path}'], cwd=REPO, capture_output=True, text=True, timeout=300,
+      check=False)
+  assert result.returncode != 0 and 'Traceback' not in result.stderr, result.stderr[-3000:]
+  assert result.stderr.strip().splitlines()[-1] == (
+      'FATAL Flags parsing error: --config=experiments/digit.py: no such file. Did you mean '
+      'experiments/digits.py?')
 
 
 def test_cli_reports_a_bad_config_in_one_line_without_a_traceback(tmp_path):

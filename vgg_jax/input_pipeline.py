@@ -99,10 +99,19 @@ class Sizes:
 
 
 def train_sizes(builder, config) -> Sizes:
-  """Steps per epoch count whole global batches; each process sees the same number."""
+  """Steps per epoch count whole global batches; each process sees the same number. A
+  ConfigError when not one batch fits in the split."""
   local_batch = config.batch_size // jax.process_count()
   split = tfds.split_for_jax_process(config.train_split, drop_remainder=True)
   examples = builder.info.splits[split].num_examples
+  if examples < local_batch:
+    devices = jax.device_count()
+    largest = examples * jax.process_count() // devices * devices
+    raise errors.ConfigError(
+        f'config.batch_size={config.batch_size}: larger than the {config.train_split!r} split '
+        f'of {config.dataset} ({examples * jax.process_count()} examples), so no batch fits '
+        f'in an epoch; use at most {largest}, e.g. --config.batch_size='
+        f'{max(devices, largest // 2 // devices * devices)}.')
   return Sizes(local_batch, local_batch // jax.local_device_count(), examples // local_batch)
 
 
@@ -274,9 +283,6 @@ def train_dataset(builder, config, start_step: int = 0) -> tf.data.Dataset:
   each epoch is dropped, so steps_per_epoch whole batches make an epoch on every process.
   """
   sizes = train_sizes(builder, config)
-  if sizes.steps_per_epoch == 0:
-    raise ValueError(f'batch_size={config.batch_size} is larger than the {config.train_split} '
-                     f'split of {config.dataset}.')
   image_key, label_key = supervised_keys(builder)
   split = tfds.split_for_jax_process(config.train_split, drop_remainder=True)
   examples = _read(builder, split, config.cache)

@@ -63,8 +63,26 @@ def _config_file_fields(argv: list[str]):
     return None
 
 
+def _check_config_file(argv: list[str]) -> None:
+  """One line, not absl's chained traceback, when --config names no file."""
+  files = [a.split('=', 1)[1] for a in argv if a.startswith('--config=')]
+  if not files:
+    return
+  path = files[-1].partition(':')[0]
+  if os.path.isfile(path):
+    return
+  folder = os.path.dirname(path) or '.'
+  files_there = sorted(n for n in os.listdir(folder) if n.endswith('.py') and not n.startswith('_')
+                       ) if os.path.isdir(folder) else []
+  near = difflib.get_close_matches(os.path.basename(path), files_there, n=3)
+  hint = f' Did you mean {" or ".join(os.path.join(folder, n) for n in near)}?' if near else ''
+  sys.exit(f'FATAL Flags parsing error: --config={files[-1]}: no such file.{hint}')
+
+
 def parse_flags(argv: list[str]) -> list[str]:
-  """absl's parsing, with a mistyped config field named as such, with the fields it is near."""
+  """absl's parsing, with a missing config file or a mistyped config field named as such,
+  with the names it is near."""
+  _check_config_file(argv)
   fields = _config_file_fields(argv)
   for argument in argv:
     if fields is not None and argument.startswith('--config.'):

@@ -173,6 +173,10 @@ class Plan:
 def preflight(config, workdir: str) -> Plan:
   """Every check that can fail on the config, the workdir or the dataset, before anything
   is compiled or written but classes.json: a mistake costs seconds, not a queue slot."""
+  if not (workdir or '').strip():
+    raise errors.ConfigError(
+        f'--workdir={workdir!r}: empty (an unset shell variable?), which would write into the '
+        'current directory; name a directory for the run, e.g. --workdir=workdirs/digits.')
   config = init_from.with_source_normalization(config)
   config_validation.validate(config, jax.device_count())
   resuming = init_from.check_resume(workdir, config)
@@ -182,11 +186,11 @@ def preflight(config, workdir: str) -> Plan:
     raise errors.ConfigError(
         f'config.num_classes={config.num_classes}: {config.dataset} has {dataset_classes} '
         f'classes; set --config.num_classes={dataset_classes}.')
+  sizes = input_pipeline.train_sizes(builder, config)
   if not resuming and config.get('init_from'):
     init_from.check_init_from(config)
   check_workdir(workdir)
   checkpoints.write_class_names(workdir, input_pipeline.class_names(builder))
-  sizes = input_pipeline.train_sizes(builder, config)
   num_steps = (config.num_train_steps if config.num_train_steps > 0
                else int(config.num_epochs * sizes.steps_per_epoch))
   eval_every = config.eval_every_steps if config.eval_every_steps > 0 else sizes.steps_per_epoch
