@@ -4,6 +4,7 @@ gradient accumulation, and changing the device count between checkpoints."""
 import importlib
 import json
 import os
+import re
 
 import jax
 import jax.numpy as jnp
@@ -17,6 +18,7 @@ from vgg_jax import default_config
 from vgg_jax import errors
 from vgg_jax import init_from
 from vgg_jax import models
+from vgg_jax import plots
 from vgg_jax import steps
 from vgg_jax import train
 from tests.test_train import run_main
@@ -293,3 +295,27 @@ def test_two_processes_of_4_devices_train_as_one_of_8_on_the_same_global_batches
     for name in ('kernel', 'bias'):
       np.testing.assert_allclose(two_hosts[layer][name], value[name], rtol=1e-5, atol=1e-7,
                                  err_msg=f'{layer}/{name}')
+
+
+def test_each_plateau_drop_is_logged_and_the_logged_rate_is_the_one_in_force(
+    tmp_path, digits_config, caplog):
+  """Sec. 3.1's rule with patience 1 on a net that cannot improve (rate 1e-9): the validation
+  error of step 1 is the best, each later one stalls, so the rate drops at steps 2 and 3 and
+  then stays (two drops allowed). Logged every 2 steps: the log of step 4 covers steps run at
+  1e-10 and 1e-11, and names the latter, the rate in force."""
+  config = digits_config.copy_and_resolve_references()
+  config.update(variant='A', width=0.0625, batch_size=64, num_train_steps=4, log_every_steps=2,
+                eval_every_steps=1, checkpoint_every_steps=100, learning_rate=1e-9,
+                lr_plateau_patience=1, lr_max_decreases=2)
+  with caplog.at_level('INFO'):
+    train.train_and_evaluate(config, str(tmp_path))
+  drops = re.findall(r'step (\d+): validation error did not improve for 1 evaluations; '
+                     r'learning rate (\S+) -> (\S+) \(drop (\d) of 2\)', caplog.text)
+  assert drops == [('2', '1e-09', '1e-10', '1'), ('3', '1e-10', '1e-11', '2')], caplog.text
+  logged = [float(r) for r in re.findall(r'step \d/4: .* lr (\S+),', caplog.text)]
+  assert logged == pytest.approx([1e-9, 1e-11], rel=1e-5)
+  # TensorBoard holds, per step written, the rate in force after it: what learning_rate.png
+  # draws as steps.
+  steps_, rates = plots.read_scalars(str(tmp_path))['train/learning_rate']
+  assert list(steps_) == [2, 3, 4]
+  assert rates == pytest.approx([1e-10, 1e-11, 1e-11], rel=1e-5)

@@ -89,8 +89,9 @@ def plot_curves(scalars: dict, output_dir: str) -> list[str]:
           *((f'test/{p}/top{k}_error', f'test {p} top-{k}',
              {'color': color[k], 'marker': '*PXDs'[i % 5], 'markersize': 10, 'ls': 'none'})
             for i, p in enumerate(protocols) for k in (1, 5))]),
-      'learning_rate.png': ('Learning rate (mean over each logging interval)', 'learning rate',
-                            [('train/learning_rate', 'train', {'drawstyle': 'steps-pre'})]),
+      'learning_rate.png': ('Learning rate in force (divided when validation error stalls)',
+                            'learning rate',
+                            [('train/learning_rate', 'train', {'drawstyle': 'steps-post'})]),
   }
   output = epath.Path(output_dir)
   output.mkdir(parents=True, exist_ok=True)

@@ -16,6 +16,7 @@ import contextlib
 import dataclasses
 import functools
 import json
+import math
 import os
 import signal
 import threading
@@ -141,9 +142,29 @@ def _create_writer(workdir: str) -> metric_writers.MetricWriter:
 
 
 def _summarize(history: list) -> dict:
-  """Mean train metrics over the finite steps of `history` (all of them, if none is)."""
+  """Mean train metrics over the finite steps of `history` (all of them, if none is); the
+  learning rate is the one in force at the last step, not a mean across a drop."""
   finite = [m for _, m in history if not m['nonfinite']] or [m for _, m in history]
-  return {k: float(np.mean([m[k] for m in finite])) for k in finite[0]}
+  summary = {k: float(np.mean([m[k] for m in finite])) for k in finite[0]}
+  summary['learning_rate'] = float(history[-1][1]['learning_rate'])
+  return summary
+
+
+def plateau_step(state: steps.TrainState, config, step: int, validation_error: float,
+                 writer) -> steps.TrainState:
+  """Feeds a validation error to the plateau rule (Sec. 3.1) and, when it divides the
+  learning rate, says so in the log and in TensorBoard's train/learning_rate at this step."""
+  before = float(jax.device_get(state.plateau.scale))
+  state = steps.plateau_update(state, config, validation_error)
+  after = float(jax.device_get(state.plateau.scale))
+  if after < before * (1 - 1e-3):  # At min_scale, float32 rounding can shave the last bit.
+    drop = round(math.log(after) / math.log(config.lr_plateau_factor))
+    logging.info('step %d: validation error did not improve for %d evaluations; learning rate '
+                 '%.3g -> %.3g (drop %d of %d)', step, config.lr_plateau_patience,
+                 config.learning_rate * before, config.learning_rate * after, drop,
+                 config.lr_max_decreases)
+    writer.write_scalars(step, {'train/learning_rate': config.learning_rate * after})
+  return state
 
 
 def check_workdir(workdir: str) -> None:
@@ -280,7 +301,7 @@ def _train(plan: Plan, workdir: str, manager, state: steps.TrainState,
                      '%.2f%%', step, eval_metrics['num_examples'], eval_metrics['loss'],
                      100 * eval_metrics['top1_error'], 100 * eval_metrics['top5_error'])
         if step % eval_every == 0:
-          state = steps.plateau_update(state, config, eval_metrics['top1_error'])
+          state = plateau_step(state, config, step, eval_metrics['top1_error'], writer)
         progress.restart(step)
       protocols_every = config.eval_protocols_every_steps
       if config.eval_protocols and (step == num_steps or
