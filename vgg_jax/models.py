@@ -185,7 +185,8 @@ class VGG(nn.Module):
     variant: a key of `VGG_SPECS`: 'A', 'A-LRN', 'B', 'C', 'D' or 'E'.
     num_classes: width of fc8.
     dropout_rate: dropout after fc6 and fc7, training only (Sec. 3.1).
-    dtype: computation dtype; parameters are always float32, logits are returned in float32.
+    dtype: computation dtype; parameters are always float32, logits are returned in float32
+      (float64 when computing in float64, as tests' references do).
     width: multiplies every channel count, fc6/fc7 included; 1.0 is the paper's net.
     init_scheme: 'paper' or 'glorot', see `kernel_init` (`config.init`).
     init_std: the standard deviation of the 'paper' initialisation.
@@ -267,7 +268,7 @@ class VGG(nn.Module):
     x = nn.Dropout(self.dropout_rate, deterministic=not train)(x)
     init = self._init(x.shape[-1], FC_WIDTH)
     x = nn.Dense(self.num_classes, name='fc8', **init)(x)
-    return x.astype(jnp.float32)
+    return x.astype(jnp.promote_types(self.dtype, jnp.float32))
 
 
 def layer_names(variant: str) -> Sequence[str]:
