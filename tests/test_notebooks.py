@@ -1,6 +1,7 @@
 """notebooks/ execute top to bottom on a freshly trained digits net, within two minutes."""
 
 import os
+import re
 import time
 
 import nbformat
@@ -55,3 +56,35 @@ def test_quickstart_and_features_notebooks_run_within_two_minutes(digits_workdir
   assert 'fc7 features (360, 512) of 360 test images' in ''.join(outputs(features, 'stdout'))
   assert len(outputs(features, 'image/png')) == 2  # PCA + t-SNE; feature maps.
   assert quickstart_seconds + features_seconds <= 120, (quickstart_seconds, features_seconds)
+
+
+DOCS = [os.path.join(os.path.dirname(NOTEBOOKS), 'README.md'),
+        *sorted(os.path.join(os.path.dirname(NOTEBOOKS), 'docs', name)
+                for name in os.listdir(os.path.join(os.path.dirname(NOTEBOOKS), 'docs'))
+                if name.endswith('.md'))]
+
+
+def python_snippets() -> list[tuple[str, str]]:
+  """(file, code) of every ```python block of README.md and docs/."""
+  snippets = []
+  for path in DOCS:
+    with open(path) as f:
+      text = f.read()
+    snippets += [(os.path.relpath(path, os.path.dirname(NOTEBOOKS)), code)
+                 for code in re.findall(r'```python\n(.*?)```', text, re.S)]
+  return snippets
+
+
+@pytest.mark.slow
+def test_the_python_snippets_of_the_readme_and_docs_run_as_written(digits_workdir, capsys):
+  """Each block runs in a fresh namespace; the README's digits run is this module's."""
+  snippets = python_snippets()
+  assert {name for name, _ in snippets} >= {'docs/reuse.md', 'docs/configuration.md'}
+  for name, code in snippets:
+    namespace = {}
+    exec(compile(code.replace("'workdirs/digits'", repr(digits_workdir)), name, 'exec'),  # pylint: disable=exec-used
+         namespace)
+    if 'get_config' in namespace:  # A config file shown whole.
+      assert namespace['get_config']('S=384').train_scale == 384, name
+  printed = capsys.readouterr().out
+  assert '(2, 512)' in printed and "'probability'" in printed, printed
