@@ -3,6 +3,7 @@
 import json
 import pathlib
 import random
+import shutil
 import subprocess
 import sys
 import time
@@ -116,7 +117,7 @@ def test_plot_curves_draws_the_scalars(workdir, tmp_path, monkeypatch):
     return sorted(expected[tag]), [scale * expected[tag][s] for s in sorted(expected[tag])]
 
   scale, lines = drawn['error.png']
-  assert scale == 'linear' and len(lines) == 8
+  assert scale == 'symlog' and len(lines) == 8
   for label, tag in [('train top-5', 'train/top5_error'), ('eval top-1', 'eval/top1_error'),
                      ('test dense top-5', 'test/dense/top5_error')]:
     np.testing.assert_allclose(np.array(lines[label]), series(tag, 100.0), rtol=1e-6)
@@ -125,6 +126,43 @@ def test_plot_curves_draws_the_scalars(workdir, tmp_path, monkeypatch):
   np.testing.assert_allclose(np.array(lines['train']), series('train/learning_rate'), rtol=1e-6)
   np.testing.assert_allclose(np.array(drawn['loss.png'][1]['eval']), series('eval/loss'),
                              rtol=1e-6)
+
+
+def test_error_plot_adds_results_json_protocols_on_a_readable_scale_with_final_values(
+    workdir, tmp_path, monkeypatch):
+  """An evaluation run after training (eval/results.json) shows on error.png; TensorBoard's own
+  points win where both have a step; the final values are written on the plot."""
+  root, expected = workdir
+  run = tmp_path / 'run'
+  shutil.copytree(root / 'tensorboard', run / 'tensorboard')
+  (run / 'eval').mkdir()
+  (run / 'eval' / 'results.json').write_text(json.dumps({
+      'single': {'step': 70, 'top1_error': 0.5, 'top5_error': 0.25},
+      'multicrop': {'step': 80, 'top1_error': 0.03, 'top5_error': 0.0},
+      'fused:dense': {'step': [80, 80], 'top1_error': 0.02, 'top5_error': 0.0}}))
+  scalars = plots.workdir_scalars(str(run))
+  assert list(scalars['test/single/top1_error'][0]) == [70]
+  assert scalars['test/single/top1_error'][1] == pytest.approx(
+      [expected['test/single/top1_error'][70]])
+  assert [list(a) for a in scalars['test/multicrop/top1_error']] == [[80], [0.03]]
+  assert not [tag for tag in scalars if 'fused' in tag]
+
+  drawn, save = {}, plots._save
+
+  def record(fig, path):
+    ax = fig.axes[0]
+    drawn[path.name] = (ax.get_yscale(), {l.get_label(): list(l.get_ydata()) for l in ax.get_lines()},
+                        [t.get_text() for t in ax.texts])
+    return save(fig, path)
+
+  monkeypatch.setattr(plots, '_save', record)
+  plots.plot_curves(scalars, str(tmp_path / 'out'))
+  scale, lines, texts = drawn['error.png']
+  assert scale == 'symlog'
+  assert lines['test multicrop top-1'] == pytest.approx([3.0])
+  assert lines['test multicrop top-5'] == pytest.approx([0.0])
+  final = 100 * expected['eval/top1_error'][max(expected['eval/top1_error'])]
+  assert {'3.00%', '0.00%', f'{final:.2f}%'} <= set(texts), texts
 
 
 def test_plot_curves_skips_figures_without_data(tmp_path):

@@ -67,6 +67,36 @@ def read_scalars(workdir: str) -> dict[str, tuple[np.ndarray, np.ndarray]]:
   return scalars
 
 
+def results_scalars(workdir: str) -> dict[str, tuple[np.ndarray, np.ndarray]]:
+  """The test protocols' errors of WORKDIR/eval/results.json (what `python -m vgg_jax.evaluate`
+  wrote) as one-point series test/PROTOCOL/top{1,5}_error at their checkpoint's step; {} if
+  there is no such file. Fused entries span several runs' steps and are left to the table."""
+  path = epath.Path(workdir) / 'eval' / 'results.json'
+  if not path.exists():
+    return {}
+  scalars = {}
+  for name, r in json.loads(path.read_text()).items():
+    if name.startswith('fused:') or not isinstance(r.get('step'), int):
+      continue
+    for k in (1, 5):
+      scalars[f'test/{name}/top{k}_error'] = (np.array([r['step']]),
+                                              np.array([r[f'top{k}_error']]))
+  return scalars
+
+
+def workdir_scalars(workdir: str) -> dict[str, tuple[np.ndarray, np.ndarray]]:
+  """`read_scalars`, plus the points of eval/results.json that TensorBoard lacks (an
+  evaluation run after training, rather than during it)."""
+  scalars = read_scalars(workdir)
+  for tag, (steps, values) in results_scalars(workdir).items():
+    have_steps, have_values = scalars.get(tag, (np.array([], np.int64), np.array([])))
+    new = ~np.isin(steps, have_steps)
+    order = np.argsort(np.concatenate([have_steps, steps[new]]), kind='stable')
+    scalars[tag] = (np.concatenate([have_steps, steps[new]])[order],
+                    np.concatenate([have_values, values[new]])[order])
+  return scalars
+
+
 def _save(fig, path: epath.Path) -> str:
   buffer = io.BytesIO()
   fig.savefig(buffer, format='png', dpi=120, bbox_inches='tight')
@@ -81,7 +111,7 @@ def plot_curves(scalars: dict, output_dir: str) -> list[str]:
   figures = {
       'loss.png': ('Loss', 'cross-entropy loss', [
           ('train/loss', 'train', {}), ('eval/loss', 'eval', {'marker': 'o', 'ls': '--'})]),
-      'error.png': ('Top-1 / top-5 error', 'error (%)', [
+      'error.png': ('Top-1 / top-5 error (final values marked)', 'error (%), log above 1%', [
           *((f'train/top{k}_error', f'train top-{k}', {'color': color[k], 'alpha': 0.6})
             for k in (1, 5)),
           *((f'eval/top{k}_error', f'eval top-{k}', {'color': color[k], 'marker': 'o',
@@ -104,7 +134,15 @@ def plot_curves(scalars: dict, output_dir: str) -> list[str]:
     ax = fig.subplots()
     for tag, label, style in lines:
       steps, values = scalars[tag]
-      ax.plot(steps, 100 * values if name == 'error.png' else values, label=label, **style)
+      values = 100 * values if name == 'error.png' else values
+      (line,) = ax.plot(steps, values, label=label, **style)
+      if name == 'error.png':  # The final errors, readable whatever the axis.
+        ax.annotate(f'{values[-1]:.2f}%', (steps[-1], values[-1]), textcoords='offset points',
+                    xytext=(4, 2), fontsize=7, color=line.get_color())
+    if name == 'error.png':
+      # Linear below 1%, logarithmic above: chance (90%) and a final 2% both read.
+      ax.set_yscale('symlog', linthresh=1.0)
+      ax.set_ylim(bottom=0)
     if name == 'learning_rate.png' and (scalars['train/learning_rate'][1] > 0).any():
       ax.set_yscale('log')
     ax.set(title=title, xlabel='step', ylabel=ylabel)
@@ -201,7 +239,7 @@ def main(argv):
   std_logging.getLogger('tensorboard').setLevel(std_logging.WARNING)
   output = FLAGS.output or os.path.join(FLAGS.workdir, 'plots')
   try:
-    paths = plot_curves(read_scalars(FLAGS.workdir), output)
+    paths = plot_curves(workdir_scalars(FLAGS.workdir), output)
   except FileNotFoundError as e:
     sys.exit(f'vgg_jax.plots: {e}')
   try:
