@@ -7,12 +7,16 @@ Each process gets `--coordinator_address=localhost:PORT --num_processes=N --proc
 main joins jax.distributed as it would on a pod, and devices of its own: on CPU
 `--devices_per_process` fake devices (XLA_FLAGS), on GPU its own slice of CUDA_VISIBLE_DEVICES.
 That exercises the multi-host paths (a data shard per process, cross-process pmean, evaluation
-counting every example once) on one machine. Output is streamed with an `[I] ` prefix; if one
-process fails the others are stopped (they would wait for it forever in the next collective)
-and its exit code is returned.
+counting every example once) on one machine. Process 0's output is streamed with a `[0] `
+prefix; the others' (the same lines again) and gloo's connection notices only with
+`--all_output`, except the last lines of a process that fails. If one process fails the others
+are stopped (they would wait for it forever in the next collective) and its exit code is
+returned.
 """
 
+import collections
 import os
+import re
 import socket
 import subprocess
 import sys
@@ -30,9 +34,15 @@ flags.DEFINE_integer('devices_per_process', 1, 'CPU: fake devices per process; G
 flags.DEFINE_integer('port', 0, 'Coordinator port on localhost; 0 picks a free one.')
 flags.DEFINE_enum('platform', 'cpu', ['cpu', 'gpu'], 'Which devices the processes use.')
 flags.DEFINE_string('module', 'vgg_jax.main', 'Python module to run (tests run a fake one).')
+flags.DEFINE_bool('all_output', False, 'Print every process\'s output and gloo\'s connection '
+                  'notices, not only process 0\'s.')
 
 DEVICE_COUNT_FLAG = '--xla_force_host_platform_device_count'
 STOP_GRACE_S = 10.0  # SIGTERM, then SIGKILL after this long.
+# One line per pair of processes when gloo connects them.
+GLOO_NOTICE = re.compile(r'^\[Gloo\] Rank \d+ is connected to')
+# Lines kept of a process whose output is not shown, printed if it fails.
+FAILURE_TAIL = 40
 
 
 def free_port() -> int:
@@ -64,10 +74,19 @@ def process_env(base: Mapping[str, str], process_id: int, devices_per_process: i
   return env
 
 
-def _stream(process: subprocess.Popen, prefix: str, out: TextIO, lock: threading.Lock) -> None:
+def _stream(process: subprocess.Popen, prefix: str, out: TextIO, lock: threading.Lock,
+            show: bool, tail: collections.deque, all_output: bool) -> None:
+  """Copies the process's lines to `out` when `show`, else keeps the last ones in `tail`;
+  gloo's connection notices only with `all_output`."""
   for line in process.stdout:
+    if not all_output and GLOO_NOTICE.match(line):
+      continue
+    line = prefix + line if line.endswith('\n') else prefix + line + '\n'
+    if not show:
+      tail.append(line)
+      continue
     with lock:
-      out.write(prefix + line if line.endswith('\n') else prefix + line + '\n')
+      out.write(line)
       out.flush()
 
 
@@ -93,11 +112,11 @@ def _exit_code(returncode: int) -> int:
 def run(num_processes: int, devices_per_process: int, main_args: Sequence[str], *,
         port: int = 0, platform: str = 'cpu', module: str = 'vgg_jax.main',
         env: Optional[Mapping[str, str]] = None, cwd: Optional[str] = None,
-        out: Optional[TextIO] = None, poll_s: float = 0.1) -> int:
+        out: Optional[TextIO] = None, poll_s: float = 0.1, all_output: bool = False) -> int:
   """Runs `python -m module main_args` as `num_processes` processes; the first failure's code.
 
   The distributed flags are appended only for two or more processes, so a single process is a
-  plain run of main.
+  plain run of main. Only process 0's output is shown unless `all_output`.
   """
   if num_processes < 1 or devices_per_process < 1:
     raise ValueError(f'num_processes={num_processes} and devices_per_process='
@@ -107,6 +126,7 @@ def run(num_processes: int, devices_per_process: int, main_args: Sequence[str], 
   address = f'localhost:{port or free_port()}'
   lock = threading.Lock()
   processes, streams = [], []
+  tails = [collections.deque(maxlen=FAILURE_TAIL) for _ in range(num_processes)]
   try:
     for i in range(num_processes):
       command = [sys.executable, '-m', module, *main_args]
@@ -117,8 +137,9 @@ def run(num_processes: int, devices_per_process: int, main_args: Sequence[str], 
           command, cwd=cwd, env=process_env(base, i, devices_per_process, platform),
           stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, errors='replace')
       processes.append(process)
-      streams.append(threading.Thread(target=_stream, args=(process, f'[{i}] ', out, lock),
-                                      daemon=True))
+      streams.append(threading.Thread(
+          target=_stream, args=(process, f'[{i}] ', out, lock, all_output or i == 0, tails[i],
+                                all_output), daemon=True))
       streams[-1].start()
 
     failure, pending = 0, list(range(num_processes))
@@ -130,7 +151,9 @@ def run(num_processes: int, devices_per_process: int, main_args: Sequence[str], 
         pending.remove(i)
         if returncode and not failure:
           failure = _exit_code(returncode)
+          streams[i].join(timeout=5)
           with lock:
+            out.writelines(tails[i])
             out.write(f'[launch] process {i} exited with {returncode}; stopping the others.\n')
             out.flush()
           _stop([processes[j] for j in pending])
@@ -148,7 +171,7 @@ def main(argv):
     raise app.UsageError('Pass the flags for vgg_jax.main after --, e.g. '
                          'python -m launch.local --num_processes=2 -- --config=... --workdir=...')
   sys.exit(run(FLAGS.num_processes, FLAGS.devices_per_process, argv[1:], port=FLAGS.port,
-               platform=FLAGS.platform, module=FLAGS.module))
+               platform=FLAGS.platform, module=FLAGS.module, all_output=FLAGS.all_output))
 
 
 if __name__ == '__main__':

@@ -315,6 +315,10 @@ FAKE_MAIN = '''
 import os, sys, time
 print('args', *sys.argv[1:])
 print('XLA_FLAGS', os.environ.get('XLA_FLAGS'))
+print('[Gloo] Rank 0 is connected to 1 peer ranks. Expected number of connected peer ranks is : 1')
+if '--fail_1' in sys.argv and '--process_id=1' in sys.argv:
+  print('process 1 explains its failure')
+  sys.exit(4)
 if '--fail' in sys.argv:
   if '--process_id=0' in sys.argv:
     sys.exit(3)
@@ -330,8 +334,10 @@ def fake_env(tmp_path):
 
 def test_local_processes_get_distributed_flags_and_their_own_devices(fake_env):
   out = io.StringIO()
-  assert local.run(2, 4, ['--workdir=w'], module='fake_main', env=fake_env, out=out) == 0
+  assert local.run(2, 4, ['--workdir=w'], module='fake_main', env=fake_env, out=out,
+                   all_output=True) == 0
   lines = out.getvalue().splitlines()
+  assert sum('[Gloo] Rank' in line for line in lines) == 2
   addresses = set()
   for i in range(2):
     args = next(l for l in lines if l.startswith(f'[{i}] args ')).split()[2:]
@@ -341,6 +347,18 @@ def test_local_processes_get_distributed_flags_and_their_own_devices(fake_env):
     # The tests' own 8 devices (conftest) are replaced, not added to.
     assert f'[{i}] XLA_FLAGS --xla_force_host_platform_device_count=4' in lines
   assert len(addresses) == 1 and not addresses.pop().endswith(':0')
+
+
+def test_local_shows_process_0_alone_without_gloo_notices_by_default(fake_env):
+  out = io.StringIO()
+  assert local.run(2, 1, ['--workdir=w'], module='fake_main', env=fake_env, out=out) == 0
+  lines = out.getvalue().splitlines()
+  assert [line.split()[:2] for line in lines] == [['[0]', 'args'], ['[0]', 'XLA_FLAGS']], lines
+  # A process whose output was hidden shows its last lines when it fails.
+  out = io.StringIO()
+  assert local.run(2, 1, ['--fail_1'], module='fake_main', env=fake_env, out=out) == 4
+  assert '[1] process 1 explains its failure' in out.getvalue()
+  assert '[launch] process 1 exited with 4; stopping the others.' in out.getvalue()
 
 
 def test_local_gpu_processes_get_consecutive_slices_of_the_visible_gpus():
@@ -361,3 +379,4 @@ def test_local_failure_stops_the_others_and_is_the_exit_code(fake_env):
   assert time.monotonic() - start < 30  # Process 1 would sleep 60 s if it were not stopped.
   assert '[0] args --fail --coordinator_address=localhost:' in result.stdout
   assert '[launch] process 0 exited with 3; stopping the others.' in result.stdout
+  assert '[1] ' not in result.stdout  # Process 1 did not fail: its output stays hidden.

@@ -266,7 +266,8 @@ def test_two_processes_of_4_devices_train_as_one_of_8_on_the_same_global_batches
                           capture_output=True, text=True, timeout=600, check=False)
   assert result.returncode == 0, (result.stdout + result.stderr)[-4000:]
   output = result.stdout + result.stderr
-  assert 'process 1 of 2' in output and '8 device(s) in 2 process(es)' in output
+  assert 'process 0 of 2' in output and '8 device(s) in 2 process(es)' in output
+  assert 'process 1 of 2' not in output and '[Gloo] Rank' not in output  # Process 0 alone.
   two_hosts = saved_params(str(tmp_path))
   # Only process 0 writes summaries and the final metrics.
   assert len(os.listdir(tmp_path / 'tensorboard')) == 1

@@ -4,6 +4,12 @@ The notebook API (`load`, `features`, `predict`, `descriptors`, `class_names`) i
 `python -m vgg_jax.<module>` starts no faster or slower for it.
 """
 
+import os
+
+# TensorFlow, here only for tf.data, prints C++ INFO notices when imported (the CPU features
+# it was built for, oneDNN): keep its warnings and errors. TF_CPP_MIN_LOG_LEVEL=0 shows them.
+os.environ.setdefault('TF_CPP_MIN_LOG_LEVEL', '1')
+
 _API = ('load', 'features', 'predict', 'descriptors', 'class_names', 'Preprocess')
 
 

@@ -10,14 +10,19 @@ from types import ModuleType
 from absl import logging
 
 
+# Libraries whose INFO lines are chatter for a vgg_jax run: Orbax and tfds log every file they
+# touch, JAX that this machine has no TPU.
+CHATTY = ('/orbax/', '/tensorflow_datasets/', '/jax/_src/xla_bridge.py')
+
+
 def _quiet_libraries(record) -> bool:
-  """Orbax and tfds log every file they touch at INFO; keep their warnings, drop the chatter."""
-  return record.levelno >= std_logging.WARNING or not any(
-      part in record.pathname for part in ('/orbax/', '/tensorflow_datasets/'))
+  """Keeps every warning, and the libraries' INFO lines only with --verbosity=1 or more."""
+  return (record.levelno >= std_logging.WARNING or logging.get_verbosity() > logging.INFO
+          or not any(part in record.pathname for part in CHATTY))
 
 
 def setup() -> None:
-  logging.get_absl_logger().addFilter(_quiet_libraries)
+  logging.get_absl_handler().addFilter(_quiet_libraries)
   # tf.data runs on the CPU; keep TensorFlow off the accelerators JAX uses.
   import tensorflow as tf  # pylint: disable=g-import-not-at-top
   tf.config.set_visible_devices([], 'GPU')

@@ -189,8 +189,8 @@ def posteriors(p_step: Callable, params, batches: Iterable[dict], name: str = ''
     done = sum(len(i) for i in indices)
     if progress.seconds_since_restart() >= LOG_EVERY_SECONDS or done >= num_examples:
       img_per_s, eta = progress.rate(done)
-      logging.info('%s: %d/%d images, %.1f img/s, ETA %s', name, done, num_examples, img_per_s,
-                   progress_lib.duration(eta))
+      logging.info('%s: %d/%d images, %s img/s, ETA %s', name, done, num_examples,
+                   progress_lib.rate(img_per_s), progress_lib.duration(eta))
   indices = np.concatenate(indices)
   order = np.argsort(indices, kind='stable')
   if not np.array_equal(indices[order], np.arange(len(indices))):

@@ -40,3 +40,8 @@ def duration(seconds: float) -> str:
   minutes, seconds = divmod(int(round(seconds)), 60)
   hours, minutes = divmod(minutes, 60)
   return f'{hours}h{minutes:02d}m{seconds:02d}s' if hours else f'{minutes}m{seconds:02d}s'
+
+
+def rate(per_second: float) -> str:
+  """'635.2', or '?' when unknown."""
+  return '?' if per_second != per_second else f'{per_second:.1f}'

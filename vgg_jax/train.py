@@ -291,9 +291,10 @@ def _train(plan: Plan, workdir: str, manager, state: steps.TrainState,
         writer.write_scalars(step, {**{f'train/{k}': v for k, v in summary.items()},
                                     'train/img_per_s': img_per_s})
         logging.info('step %d/%d: loss %.4f, top-1 err %.2f%%, top-5 err %.2f%%, lr %.3g, '
-                     '%.1f img/s, ETA %s', step, num_steps, summary['loss'],
+                     '%s img/s, ETA %s', step, num_steps, summary['loss'],
                      100 * summary['top1_error'], 100 * summary['top5_error'],
-                     summary['learning_rate'], img_per_s, progress_lib.duration(eta))
+                     summary['learning_rate'], progress_lib.rate(img_per_s),
+                     progress_lib.duration(eta))
       if step % eval_every == 0 or step == num_steps:
         eval_metrics, eval_step = evaluate(p_eval_step, state, builder, config), step
         writer.write_scalars(step, {f'eval/{k}': v for k, v in eval_metrics.items()})
