@@ -1,5 +1,6 @@
 """The main job end to end on the digits, resuming, and config validation."""
 
+import importlib.metadata
 import json
 import os
 import re
@@ -50,9 +51,29 @@ def restored_params(workdir, config):
   return int(restored.step), jax.device_get(restored.params)
 
 
+# The README's first command with constraints.txt's versions, 2 CPU cores: seeds 0-4 ended at
+# 2.22, 0.83, 1.11, 1.39 and 1.11% top-1 error (README). A run is deterministic on one machine,
+# but another CPU's kernels round differently and draw from that spread (3.06% was seen on
+# another machine with earlier code), so the range asserted is the seeds' widened by about a
+# point each way (in %); outside the recorded versions only the 5% bound is.
+DEFAULT_RUN_TOP1_RANGE = (0.5, 3.5)
+# The packages whose versions decide the default run's numbers.
+DECISIVE = ('jax', 'jaxlib', 'flax', 'optax', 'numpy', 'tensorflow-cpu', 'tensorflow-datasets',
+            'scikit-learn', 'pillow')
+
+
+def recorded_versions_installed() -> bool:
+  """Whether the DECISIVE packages are at constraints.txt's versions."""
+  with open(os.path.join(REPO, 'constraints.txt')) as f:
+    pinned = dict(line.strip().lower().replace('_', '-').split('==') for line in f
+                  if '==' in line and not line.startswith('#'))
+  return all(importlib.metadata.version(name) == pinned[name] for name in DECISIVE)
+
+
 @pytest.mark.slow
 def test_default_digits_run_reaches_five_percent_error(tmp_path, digits_config):
-  """README command (a): a VGG-16 on the digits; held-out top-1 error <= 5%."""
+  """README command (a): a VGG-16 on the digits; held-out top-1 error <= 5%, and within the
+  README's stated range where constraints.txt's versions are installed."""
   result = run_main(tmp_path, digits_config.data_dir)
   with open(tmp_path / 'eval_metrics.json') as f:
     metrics = json.load(f)
@@ -60,6 +81,9 @@ def test_default_digits_run_reaches_five_percent_error(tmp_path, digits_config):
   assert metrics['num_examples'] == 360
   assert metrics['step'] == 40 * (1437 // 64)
   assert 0.0 <= metrics['top5_error'] <= metrics['top1_error'] <= 0.05
+  if recorded_versions_installed():
+    low, high = DEFAULT_RUN_TOP1_RANGE
+    assert low <= 100 * metrics['top1_error'] <= high, metrics
   assert sorted(os.listdir(tmp_path / 'checkpoints'))[-1] == str(metrics['step'])
   assert any(name.startswith('events') for name in os.listdir(tmp_path / 'tensorboard'))
   for words in ('img/s', 'ETA', 'loss', 'top-5 err', 'Final held-out test'):
