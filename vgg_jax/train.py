@@ -237,8 +237,8 @@ def initial_state(config, manager, init_rng: jax.Array) -> steps.TrainState:
 
 def train_and_evaluate(config, workdir: str) -> dict:
   """Trains `config` in `workdir` (resuming if it holds checkpoints); returns the final
-  held-out metrics, also written to WORKDIR/eval_metrics.json. A run stopped by SIGTERM
-  returns {'preempted_at_step': step} after checkpointing that step."""
+  held-out metrics, also written to WORKDIR/eval_metrics.json. A run stopped by SIGTERM or
+  Ctrl-C returns {'preempted_at_step': step} after checkpointing that step."""
   plan = preflight(config, workdir)
   init_rng, step_rng = jax.random.split(jax.random.key(plan.config.seed))
   manager = checkpoints.create_manager(workdir, plan.config)
