@@ -6,6 +6,7 @@ Config fields are overridden on the command line, e.g. `--config.batch_size=64`.
 import difflib
 import os
 import sys
+from typing import Optional
 
 from absl import app
 from absl import flags
@@ -49,13 +50,16 @@ def initialize_distributed() -> None:
     jax.distributed.initialize()
 
 
-def _config_file_fields(argv: list[str]):
-  """The fields of the config file named by --config=FILE[:ARG] in argv; None if unreadable
-  (absl then reports the problem itself)."""
-  files = [a.split('=', 1)[1] for a in argv if a.startswith('--config=')]
-  if not files:
-    return None
-  path, _, arg = files[-1].partition(':')
+def _config_arg(argv: list[str]) -> Optional[str]:
+  """The FILE[:ARG] of the last --config=FILE[:ARG] in argv, if any."""
+  values = [a.split('=', 1)[1] for a in argv if a.startswith('--config=')]
+  return values[-1] if values else None
+
+
+def _config_file_fields(config_arg: str):
+  """The fields of the config FILE[:ARG]; None if unreadable (absl then reports the problem
+  itself)."""
+  path, _, arg = config_arg.partition(':')
   try:
     module = cli.load_file(path)
     return set((module.get_config(arg) if arg else module.get_config()).keys())
@@ -63,36 +67,35 @@ def _config_file_fields(argv: list[str]):
     return None
 
 
-def _check_config_file(argv: list[str]) -> None:
+def _check_config_file(config_arg: str) -> None:
   """One line, not absl's chained traceback, when --config names no file."""
-  files = [a.split('=', 1)[1] for a in argv if a.startswith('--config=')]
-  if not files:
-    return
-  path = files[-1].partition(':')[0]
+  path = config_arg.partition(':')[0]
   if os.path.isfile(path):
     return
   folder = os.path.dirname(path) or '.'
-  files_there = sorted(n for n in os.listdir(folder) if n.endswith('.py') and not n.startswith('_')
-                       ) if os.path.isdir(folder) else []
-  near = difflib.get_close_matches(os.path.basename(path), files_there, n=3)
+  candidates = []
+  if os.path.isdir(folder):
+    candidates = sorted(n for n in os.listdir(folder) if n.endswith('.py') and n[0] != '_')
+  near = difflib.get_close_matches(os.path.basename(path), candidates, n=3)
   hint = f' Did you mean {" or ".join(os.path.join(folder, n) for n in near)}?' if near else ''
-  sys.exit(f'FATAL Flags parsing error: --config={files[-1]}: no such file.{hint}')
+  sys.exit(f'FATAL Flags parsing error: --config={config_arg}: no such file.{hint}')
 
 
 def parse_flags(argv: list[str]) -> list[str]:
   """absl's parsing, with a missing config file or a mistyped config field named as such,
   with the names it is near."""
-  _check_config_file(argv)
-  fields = _config_file_fields(argv)
-  for argument in argv:
-    if fields is not None and argument.startswith('--config.'):
-      name, _, value = argument[len('--config.'):].partition('=')
-      if name.split('.')[0] not in fields:
-        config_file = [a.split('=', 1)[1] for a in argv if a.startswith('--config=')][-1]
-        close = difflib.get_close_matches(name.split('.')[0], sorted(fields), n=3)
-        sys.exit(f'FATAL Flags parsing error: --config.{name}={value}: {config_file} has no '
-                 f'field {name.split(".")[0]!r}.' +
-                 (f' Did you mean {" or ".join(close)}?' if close else ''))
+  config_arg = _config_arg(argv)
+  if config_arg is not None:
+    _check_config_file(config_arg)
+    fields = _config_file_fields(config_arg)
+    for argument in argv:
+      if fields is not None and argument.startswith('--config.'):
+        name, _, value = argument[len('--config.'):].partition('=')
+        field = name.split('.')[0]
+        if field not in fields:
+          close = difflib.get_close_matches(field, sorted(fields), n=3)
+          sys.exit(f'FATAL Flags parsing error: --config.{name}={value}: {config_arg} has no '
+                   f'field {field!r}.' + (f' Did you mean {" or ".join(close)}?' if close else ''))
   return app.parse_flags_with_usage(argv)
 
 
