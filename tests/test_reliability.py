@@ -371,6 +371,15 @@ def test_cli_names_a_missing_config_file_and_the_one_it_is_near(tmp_path):
       'experiments/digits.py?')
 
 
+def test_evaluate_names_a_workdir_without_checkpoints_in_one_line(tmp_path):
+  result = subprocess.run([sys.executable, '-m', 'vgg_jax.evaluate', f'--workdir={tmp_path}'],
+                          cwd=REPO, capture_output=True, text=True, timeout=300, check=False)
+  assert result.returncode == 1 and 'Traceback' not in result.stderr, result.stderr[-3000:]
+  assert result.stderr.strip().splitlines()[-1] == (
+      f'vgg_jax.evaluate: {tmp_path}/checkpoints holds no checkpoint: train first with '
+      f'python -m vgg_jax.main --workdir={tmp_path}.')
+
+
 def test_cli_reports_a_bad_config_in_one_line_without_a_traceback(tmp_path):
   result = subprocess.run(
       [sys.executable, '-m', 'vgg_jax.main', '--config=experiments/digits.py',

@@ -9,6 +9,7 @@ evaluates the nets in DIR2, ... and averages all nets' soft-max posteriors (Tabl
 """
 
 import functools
+import sys
 
 from absl import app
 from absl import flags
@@ -51,8 +52,8 @@ def evaluate_workdirs(workdir: str, protocols=protocol.PROTOCOLS, scales=None, f
   split = split or configs[0].eval_split
   builder = input_pipeline.get_builder(configs[0])
   if split not in builder.info.splits:
-    raise ValueError(f'--split={split!r}: {configs[0].dataset} has splits '
-                     f'{", ".join(builder.info.splits)}.')
+    raise errors.ConfigError(f'--split={split!r}: {configs[0].dataset} has splits '
+                             f'{", ".join(builder.info.splits)}.')
   num_examples = -(-builder.info.splits[split].num_examples // jax.process_count())
 
   results, members = {}, []
@@ -119,7 +120,10 @@ def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f'Unexpected arguments: {" ".join(argv[1:])}')
   cli.setup()
-  protocols = protocol.parse_protocols(FLAGS.protocol)
+  try:
+    protocols = protocol.parse_protocols(FLAGS.protocol)
+  except errors.ConfigError as e:
+    raise app.UsageError(str(e)) from None
   scales = None
   if FLAGS.scales:
     try:
@@ -127,9 +131,12 @@ def main(argv):
     except ValueError:
       raise app.UsageError(f'--scales={",".join(FLAGS.scales)}: expected integers, e.g. '
                            '--scales=256,384,512.') from None
-  evaluate_workdirs(FLAGS.workdir, protocols, scales, FLAGS.fuse, FLAGS.split,
-                    data_dir=FLAGS.data_dir, dense_batch_size=FLAGS.dense_batch_size,
-                    multicrop_batch_size=FLAGS.multicrop_batch_size)
+  try:
+    evaluate_workdirs(FLAGS.workdir, protocols, scales, FLAGS.fuse, FLAGS.split,
+                      data_dir=FLAGS.data_dir, dense_batch_size=FLAGS.dense_batch_size,
+                      multicrop_batch_size=FLAGS.multicrop_batch_size)
+  except (errors.ConfigError, FileNotFoundError) as e:  # A wrong workdir, split or --fuse.
+    sys.exit(f'vgg_jax.evaluate: {e}')
 
 
 if __name__ == '__main__':
