@@ -203,8 +203,9 @@ def test_accumulated_micro_batches_update_exactly_as_one_big_batch(digits_config
       diff = np.max(np.abs(got[layer][name] - expected[layer][name]))
       # Biases start at 0, so theirs is the update alone: a sum over every pixel of the batch
       # with heavy cancellation, whose float32 summation order moved conv1_1's by 1.0e-3 of
-      # itself in CI. Kernels are held to their own size.
-      bound = 3e-5 if name == 'kernel' else 3e-3
+      # itself in CI. Kernels are held to their own size: conv1_1's sums products of 0-255
+      # pixels, and the order moved it by 9.2e-5 of its largest value in one CI run.
+      bound = 3e-4 if name == 'kernel' else 3e-3
       assert diff <= bound * np.max(np.abs(expected[layer][name])), (layer, name)
 
 
