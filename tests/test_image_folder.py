@@ -109,12 +109,13 @@ class _Messages(logging.Handler):
 def absl_messages():
   """What absl logs during the test, INFO and up."""
   handler = _Messages()
-  verbosity = absl_logging.get_verbosity()
+  absl_logger = logging.getLogger('absl')
+  level = absl_logger.level  # NOTSET until flags are parsed; get_verbosity() would say WARNING.
   absl_logging.set_verbosity(absl_logging.INFO)
-  logging.getLogger('absl').addHandler(handler)
+  absl_logger.addHandler(handler)
   yield handler.messages
-  logging.getLogger('absl').removeHandler(handler)
-  absl_logging.set_verbosity(verbosity)
+  absl_logger.removeHandler(handler)
+  absl_logger.setLevel(level)
 
 
 # ---------------------------------------------------------------------------------------------

@@ -309,7 +309,7 @@ def test_each_plateau_drop_is_logged_and_the_logged_rate_is_the_one_in_force(
   config.update(variant='A', width=0.0625, batch_size=64, num_train_steps=4, log_every_steps=2,
                 eval_every_steps=1, checkpoint_every_steps=100, learning_rate=1e-9,
                 lr_plateau_patience=1, lr_max_decreases=2)
-  with caplog.at_level('INFO'):
+  with caplog.at_level('INFO', logger='absl'):
     train.train_and_evaluate(config, str(tmp_path))
   drops = re.findall(r'step (\d+): validation error did not improve for 1 evaluations; '
                      r'learning rate (\S+) -> (\S+) \(drop (\d) of 2\)', caplog.text)
