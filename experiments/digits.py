@@ -21,7 +21,6 @@ def get_config():
   config.random_flip = False
   config.test_flip = False
   config.mean_rgb = (77.9, 77.9, 77.9)  # The digits' own mean, as Sec. 2.1 prescribes.
-  config.shuffle_buffer_size = 2_048
   config.cache = True
   config.batch_size = 64
   config.eval_batch_size = 120

@@ -615,7 +615,6 @@ def test_train_and_eval_batches_from_the_folder(prepared):
   config.train_scale = (32, 40)
   config.batch_size = 16
   config.eval_batch_size = 8
-  config.shuffle_buffer_size = 64
   config.cache = False
   batch = next(input_pipeline.as_numpy(input_pipeline.train_dataset(builder, config)))
   assert batch['image'].shape == (8, 2, 32, 32, 3) and batch['image'].dtype == np.uint8

@@ -464,6 +464,42 @@ def test_train_stream_resumed_at_step_k_equals_the_stream_from_0_after_k_batches
                                     err_msg=f'batch {offset + i}, {key}')
 
 
+@pytest.mark.parametrize('processes,devices', [(1, 4), (2, 4), (4, 2)])
+def test_a_run_resumed_on_other_hosts_and_devices_reads_the_global_batches_of_the_original(
+    builder, train_stream, monkeypatch, processes, devices):
+  """The reference: one process of 8 devices from step 0. Resumed at step 20 (the epoch ends at
+  22) on `processes` x `devices`, the processes' batches side by side are its global batches."""
+  config, reference = train_stream
+  monkeypatch.setattr(jax, 'process_count', lambda: processes)
+  monkeypatch.setattr(jax, 'local_device_count', lambda: devices)
+  streams = []
+  for process in range(processes):
+    monkeypatch.setattr(jax, 'process_index', lambda p=process: p)
+    streams.append(take(input_pipeline.train_dataset(builder, config, start_step=20), 4))
+  for i in range(4):
+    assert streams[0][i]['image'].shape[:2] == (devices, 64 // processes // devices)
+    for key in ('image', 'label'):
+      resumed = np.concatenate([s[i][key].reshape((-1,) + s[i][key].shape[2:]) for s in streams])
+      np.testing.assert_array_equal(resumed, reference[20 + i][key].reshape(resumed.shape),
+                                    err_msg=f'step {20 + i}, {key}')
+
+
+def test_each_epoch_draws_its_first_batch_from_the_whole_split(digits_config, builder,
+                                                              stored_examples):
+  """A uniform permutation per epoch: over 40 seeds, where the first batch's examples are
+  stored is uniform over the split (Kolmogorov-Smirnov), not its first part."""
+  config = config_copy(digits_config, batch_size=64, train_scale=(32, 32))
+  where = {(img.tobytes(), int(label)): i
+           for i, (img, label) in enumerate(zip(*stored_examples['train']))}
+  positions = []
+  for seed in range(40):
+    config.seed = 1000 + seed
+    batch = take(input_pipeline.train_dataset(builder, config), 1)[0]
+    positions += [where[img.tobytes(), int(label)] for img, label in zip(
+        batch['image'].reshape(-1, 32, 32, 3), batch['label'].ravel())]
+  assert stats.kstest(np.array(positions) / DIGITS_TRAIN, 'uniform').pvalue > 1e-3
+
+
 def test_train_epochs_are_shuffled_differently(train_stream):
   _, reference = train_stream
   steps = DIGITS_TRAIN // 64

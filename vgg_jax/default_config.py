@@ -83,8 +83,7 @@ def get_config(arg: Optional[str] = None) -> ml_collections.ConfigDict:
   # (torchvision: std 255 * (0.229, 0.224, 0.225); Caffe and Keras: BGR); see vgg_jax.convert.
   config.std_rgb = (1.0, 1.0, 1.0)
   config.channel_order = 'RGB'
-  config.shuffle_buffer_size = 16_384
-  config.cache = False  # Keep encoded examples in memory (small datasets).
+  config.cache = False  # Evaluation: keep encoded examples in memory (small datasets).
   config.strict_data = False  # folder: datasets: a bad file fails preparation, else fixed/skipped.
   config.max_image_pixels = 40_000_000  # folder: datasets: larger images downscaled when prepared.
 
@@ -132,5 +131,9 @@ def get_config(arg: Optional[str] = None) -> ml_collections.ConfigDict:
   config.checkpoint_every_steps = 5_000
   config.keep_checkpoints = 3
   config.seed = 0
+  # A resumed run reads the global batches an uninterrupted one would, on any number of hosts
+  # and devices; with another batch_size, seed or train_split it cannot, and is refused unless
+  # this is True (the new order then applies from the resume step on).
+  config.allow_data_order_change = False
   set_training_scale(config, arg)
   return config

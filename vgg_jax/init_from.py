@@ -21,6 +21,9 @@ from vgg_jax import preprocess
 SHAPE_FIELDS = ('variant', 'width', 'num_classes', 'image_size')
 # Fields that fix the optimiser state's structure: a run resumes only with the same values.
 OPTIMIZER_FIELDS = ('frozen_layers', 'sgd_form')
+# Fields that fix the training order (`input_pipeline.train_dataset`): a resumed run with
+# other values would repeat or skip examples of the interrupted epoch.
+DATA_ORDER_FIELDS = ('batch_size', 'seed', 'train_split')
 # What a checkpoint whose config predates a field was written with.
 BEFORE_THE_FIELD = {'sgd_form': 'pytorch'}
 
@@ -76,6 +79,18 @@ def check_resume(workdir: str, config) -> bool:
           f'{"parameters" if field in SHAPE_FIELDS else "optimiser state"} does not fit. '
           f'Resume with {field}={saved.get(field)!r}, or start in a new workdir (with '
           'config.init_from to reuse the weights).')
+  changed = [f for f in DATA_ORDER_FIELDS if saved.get(f, config.get(f)) != config.get(f)]
+  for field in changed:
+    if not config.get('allow_data_order_change', False):
+      raise errors.ConfigError(
+          f'config.{field}={config[field]!r}: {checkpoints.checkpoint_dir(workdir)} holds a '
+          f'checkpoint (step {step}) trained with {field}={saved[field]!r}, and another value '
+          f'changes which examples the rest of the epoch reads. Resume with {field}='
+          f'{saved[field]!r}, or pass --config.allow_data_order_change=True to take the new '
+          'order from here on.')
+    logging.warning('Resuming step %d with %s=%r instead of %r (allow_data_order_change): '
+                    'the training order changes from here on.', step, field, config[field],
+                    saved[field])
   return True
 
 

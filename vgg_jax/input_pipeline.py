@@ -4,18 +4,23 @@ The host does the geometry: decode, isotropic rescale so the smallest side is S 
 per image from [Smin, Smax]), a random crop, a random horizontal flip. Images leave as uint8; the
 colour shift and mean subtraction run on the device (`vgg_jax.preprocess`).
 
-Every random draw is stateless, seeded by (config.seed, process, epoch, position in the epoch),
-so the stream of batches is a pure function of the training step: resuming at step k rebuilds
-the stream from k with nothing but the step saved. Each process reads its own slice of the
-split; batches come shaped (local_devices, per_device_batch, ...) for `jax.pmap`.
+The training order and every random draw are stateless functions of (config.seed, epoch,
+position in the epoch), so the stream of global batches is a pure function of the training
+step, read by random access: resuming at step k starts reading at step k, and the global
+batches do not depend on how many processes or devices share them. Each process reads its own
+part of each global batch; batches come shaped (local_devices, per_device_batch, ...) for
+`jax.pmap`.
 """
 
 import dataclasses
 import difflib
+import json
 import math
 import os
 from typing import Iterator, Optional
 
+from absl import logging
+from array_record.python import array_record_module
 import jax
 import numpy as np
 import tensorflow as tf
@@ -99,20 +104,65 @@ class Sizes:
 
 
 def train_sizes(builder, config) -> Sizes:
-  """Steps per epoch count whole global batches; each process sees the same number. A
-  ConfigError when not one batch fits in the split."""
-  local_batch = config.batch_size // jax.process_count()
-  split = tfds.split_for_jax_process(config.train_split, drop_remainder=True)
-  examples = builder.info.splits[split].num_examples
-  if examples < local_batch:
+  """An epoch is the whole global batches that fit in the split; each process reads its share
+  of each. A ConfigError when not one batch fits in the split."""
+  examples = builder.info.splits[config.train_split].num_examples
+  if examples < config.batch_size:
     devices = jax.device_count()
-    largest = examples * jax.process_count() // devices * devices
+    largest = examples // devices * devices
     raise errors.ConfigError(
         f'config.batch_size={config.batch_size}: larger than the {config.train_split!r} split '
-        f'of {config.dataset} ({examples * jax.process_count()} examples), so no batch fits '
-        f'in an epoch; use at most {largest}, e.g. --config.batch_size='
-        f'{max(devices, largest // 2 // devices * devices)}.')
-  return Sizes(local_batch, local_batch // jax.local_device_count(), examples // local_batch)
+        f'of {config.dataset} ({examples} examples), so no batch fits in an epoch; use at most '
+        f'{largest}, e.g. --config.batch_size={max(devices, largest // 2 // devices * devices)}.')
+  local_batch = config.batch_size // jax.process_count()
+  return Sizes(local_batch, local_batch // jax.local_device_count(), examples // config.batch_size)
+
+
+ARRAY_RECORD = 'array_record'
+
+
+def random_access_source(builder, split: str):
+  """The serialized examples of `split`, indexable: `source[i]`, `source.__getitems__(ids)`.
+
+  Training reads the split in a seeded permutation (`train_dataset`), so a resumed run must
+  read example i without reading the ones before it, which TFRecord, read front to back, cannot
+  do. tfds serves ArrayRecord files by index (`as_data_source`); a dataset prepared as TFRecord
+  (tfds's default, and what every dataset prepared before holds) gets ArrayRecord copies of its
+  shards once (`_add_array_record`), so evaluation keeps reading the TFRecord shards.
+  """
+  _add_array_record(builder.data_dir)
+  reader = tfds.builder_from_directory(builder.data_dir)  # Its own DatasetInfo, switched below.
+  return reader.as_data_source(split, file_format=ARRAY_RECORD,
+                               deserialize_method=tfds.decode.DeserializeMethod.RAW_BYTES)
+
+
+def _add_array_record(data_dir: str) -> None:
+  """Writes an ArrayRecord copy of each TFRecord shard in `data_dir`, the same records in the
+  same order, and lists the format in dataset_info.json: what `tfds convert_format` does,
+  which needs Apache Beam. Each file appears whole (written aside, then renamed), so processes
+  that share a data_dir may all run this."""
+  info_path = os.path.join(data_dir, 'dataset_info.json')
+  with tf.io.gfile.GFile(info_path) as f:
+    info = json.load(f)
+  formats = [info.get('fileFormat', 'tfrecord'), *info.get('alternativeFileFormats', [])]
+  if ARRAY_RECORD in formats:
+    return
+  shards = sorted(tf.io.gfile.glob(os.path.join(data_dir, '*.tfrecord-*-of-*')))
+  logging.info('Writing an ArrayRecord copy of %d TFRecord shards in %s, once: training reads '
+               'examples by index.', len(shards), data_dir)
+  for shard in shards:
+    name = os.path.basename(shard).replace('.tfrecord-', f'.{ARRAY_RECORD}-')
+    path, partial = os.path.join(data_dir, name), os.path.join(data_dir, f'.{name}.{os.getpid()}')
+    writer = array_record_module.ArrayRecordWriter(partial, 'group_size:1')
+    for record in tf.data.TFRecordDataset(shard).as_numpy_iterator():
+      writer.write(record)
+    writer.close()
+    tf.io.gfile.rename(partial, path, overwrite=True)
+  info['alternativeFileFormats'] = [*info.get('alternativeFileFormats', []), ARRAY_RECORD]
+  partial = f'{info_path}.{os.getpid()}'
+  with tf.io.gfile.GFile(partial, 'w') as f:
+    json.dump(info, f, indent=2)
+  tf.io.gfile.rename(partial, info_path, overwrite=True)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -276,38 +326,51 @@ def _options() -> tf.data.Options:
 
 
 def train_dataset(builder, config, start_step: int = 0) -> tf.data.Dataset:
-  """The endless training stream of this process, starting at global step `start_step`.
+  """The endless training stream of this process, from global step `start_step` on.
 
-  Epoch e is this process's examples shuffled with a seed of (seed, process, e); each example's
-  S, crop and flip are drawn from (that seed, its position in the epoch). A partial last batch of
-  each epoch is dropped, so steps_per_epoch whole batches make an epoch on every process.
+  Epoch e visits the split in the permutation `index_shuffle(., seed=(seed, e))` of all its
+  examples, a uniform draw computed per position, with nothing stored or read ahead: global
+  batch k of the epoch holds positions [kB, (k+1)B), and process p reads its B/P of them by
+  index (`random_access_source`). Each example's S, crop and flip are drawn from (seed, e, its
+  position). So a run resumed at any step reads from there on, and 1 x 8 devices and 2 x 4
+  train on the same global batches. The last partial batch of an epoch is not used.
   """
   sizes = train_sizes(builder, config)
   image_key, label_key = supervised_keys(builder)
-  split = tfds.split_for_jax_process(config.train_split, drop_remainder=True)
-  examples = _read(builder, split, config.cache)
-  epoch_size = sizes.steps_per_epoch * sizes.local_batch
-  start_epoch, start_batch = divmod(start_step, sizes.steps_per_epoch)
-  base_seed = config.seed * 1_000_003 + jax.process_index()
+  features = builder.info.features
+  records = random_access_source(builder, config.train_split)
+  last_index = tf.constant(len(records) - 1, tf.int64)
+  first = jax.process_index() * sizes.local_batch
   transform = dict(scale=protocol.scale_bounds(config.train_scale),
                    image_size=config.image_size, flip=config.random_flip,
                    decode_crop=config.get('decode_crop', False))
 
-  def one_epoch(epoch):
-    seed = tf.cast(base_seed, tf.int64) * 100_003 + epoch
-    ds = examples.shuffle(config.shuffle_buffer_size, seed=seed).take(epoch_size).enumerate()
-    skip = tf.constant(start_batch * sizes.local_batch, tf.int64)
-    ds = ds.skip(tf.where(epoch == start_epoch, skip, tf.constant(0, tf.int64)))
+  def positions(step):
+    epoch = step // sizes.steps_per_epoch
+    position = (step % sizes.steps_per_epoch) * config.batch_size + first + tf.range(
+        sizes.local_batch, dtype=tf.int64)
+    order_seed = tf.stack([tf.constant(config.seed, tf.int64), epoch])
+    index = tf.random.experimental.index_shuffle(position, order_seed, last_index)
+    return epoch, position, index
 
-    def prepare(index, example):
-      image_seed = tf.stack([seed, index])
-      return {'image': train_transform(example[image_key], image_seed, **transform),
-              'label': tf.cast(example[label_key], tf.int32)}
+  def read(epoch, position, index):
+    serialized = tf.numpy_function(
+        lambda ids: np.array(records.__getitems__(ids.tolist()), dtype=object), [index],
+        tf.string, stateful=False)
+    serialized.set_shape([sizes.local_batch])
+    return tf.fill([sizes.local_batch], epoch), position, serialized
 
-    ds = ds.map(prepare, num_parallel_calls=tf.data.AUTOTUNE)
-    return ds.batch(sizes.local_batch, drop_remainder=True)
+  def prepare(epoch, position, serialized):
+    example = features.deserialize_example(
+        serialized, decoders={image_key: tfds.decode.SkipDecoding()})
+    image_seed = tf.stack([config.seed * 1_000_003 + epoch, position])
+    return {'image': train_transform(example[image_key], image_seed, **transform),
+            'label': tf.cast(example[label_key], tf.int32)}
 
-  ds = tf.data.Dataset.range(start_epoch, np.iinfo(np.int64).max).flat_map(one_epoch)
+  ds = tf.data.Dataset.range(start_step, np.iinfo(np.int64).max).map(positions)
+  ds = ds.map(read, num_parallel_calls=tf.data.AUTOTUNE).unbatch()
+  ds = ds.map(prepare, num_parallel_calls=tf.data.AUTOTUNE)
+  ds = ds.batch(sizes.local_batch, drop_remainder=True)
   ds = ds.map(lambda batch: _device_shape(batch, jax.local_device_count()))
   return ds.prefetch(tf.data.AUTOTUNE).with_options(_options())
 

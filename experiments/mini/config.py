@@ -31,7 +31,6 @@ def get_config(arg: Optional[str] = 'D,S=36'):
   config.train_scale = TRAINING_SCALES[scale]
   config.test_scales = TEST_SCALES[scale]
   config.mean_rgb = (62.2, 62.2, 62.2)  # The training images' own mean (Sec. 2.1).
-  config.shuffle_buffer_size = 8_192
   config.dense_batch_size = 60
   config.learning_rate = 0.01
   config.lr_plateau_patience = 3
