@@ -10,6 +10,7 @@ import json
 import os
 import subprocess
 import sys
+import types
 
 import flax.linen as nn
 import jax
@@ -235,12 +236,17 @@ def test_test_scales_follow_the_paper():
     protocol.check_scales((200, 256), 224)
 
 
+TRACE = '/jax/core/compile/jaxpr_trace_duration'
+COMPILE = '/jax/core/compile/backend_compile_duration'
+
+
 @contextlib.contextmanager
-def count_compilations():
-  """Counts XLA backend compilations (jax.monitoring's compile events) inside the block."""
+def count_compilations(*kinds: str):
+  """Records jax.monitoring's compile events of `kinds` (default: XLA backend compilations)
+  inside the block; one served from the persistent compilation cache (conftest) counts too."""
+  kinds = kinds or (COMPILE,)
   events = []
-  listener = lambda event, duration, **kw: events.append(event) if (
-      event == '/jax/core/compile/backend_compile_duration') else None
+  listener = lambda event, duration, **kw: events.append(event) if event in kinds else None
   jax.monitoring.register_event_duration_secs_listener(listener)
   try:
     yield events
@@ -280,6 +286,45 @@ def test_multicrop_compiles_once_whatever_the_image_shapes(photos_config):
     post = evaluation.posteriors(step, params, input_pipeline.test_batch_iterator(
         builder, photos_config, protocol.MULTICROP, 80))
   assert len(post.labels) == 13 and len(compiles) == 1
+
+
+class ScalarRecorder:
+  """The part of a metric writer `train.evaluate_protocols` uses."""
+
+  def __init__(self):
+    self.scalars = {}
+
+  def write_scalars(self, step, scalars):
+    self.scalars[step] = dict(scalars)
+
+
+def test_second_in_training_evaluation_traces_and_compiles_nothing(tmp_path, digits_config):
+  """config.eval_protocols, run twice during training: the second reuses every compiled step."""
+  from vgg_jax import steps, train  # pylint: disable=g-import-not-at-top
+  config = digits_config.copy_and_resolve_references()
+  config.variant, config.width, config.eval_split = 'A', 1 / 16, 'test[:48]'
+  config.eval_protocols, config.test_scales = 'dense,multicrop', (32, 36)
+  builder = input_pipeline.get_builder(config)
+  params = models.create_model(config).init(jax.random.key(4), jnp.zeros((1, 32, 32, 3)))
+  state = types.SimpleNamespace(params=jax.device_put(params['params'],
+                                                      steps.replicated_sharding()))
+  writer = ScalarRecorder()
+  evaluation.pmap_posteriors.cache_clear()  # As in a new run.
+  results = []
+  for step in (1, 2):
+    with count_compilations(TRACE, COMPILE) as compiles:
+      results.append(train.evaluate_protocols(state, builder, config, str(tmp_path), step,
+                                              writer, final=False))
+    if step == 1:  # Dense images at Q = 32 and 36 pad to 2 shapes; all crops share 1.
+      assert results[0]['dense']['compilations'] == 2
+      assert results[0]['multicrop']['compilations'] == 1
+      assert compiles.count(COMPILE) >= 3
+    else:
+      assert not compiles
+  for name in ('dense', 'multicrop'):
+    assert results[0][name]['num_examples'] == results[1][name]['num_examples'] == 48
+    assert results[1][name]['top1_error'] == results[0][name]['top1_error']
+  assert writer.scalars[2] == writer.scalars[1]
 
 
 # ---------------------------------------------------------------------------------------------

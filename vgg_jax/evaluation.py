@@ -16,12 +16,13 @@ Posteriors are averaged over the test scales Q (Table 4), over the two methods
 posterior per example of this process's part of the split, in split order, so any of them
 can be averaged with any other; top-1/top-5 errors are exact counts summed over processes.
 
-Each process runs its own images at its own pace: the steps are mapped over the local devices
-only, with no collective, so the varying image shapes of dense evaluation never have to line
-up across hosts. No tensorflow here: the batches come from `input_pipeline.test_batches`.
+Each process feeds the steps its own images, one slice per local device, at its own pace: a
+step has no collective, so the varying image shapes of dense evaluation never have to line up
+across hosts. No tensorflow here: the batches come from `input_pipeline.test_batches`.
 """
 
 import dataclasses
+import functools
 import time
 from typing import Callable, Iterable, Iterator, Optional, Sequence
 
@@ -130,15 +131,21 @@ def multicrop_posteriors(params, crops: jax.Array, *, model: models.VGG,
   return probs.reshape(views, batch, num_crops, -1).mean(axis=(0, 2))
 
 
+@functools.cache
 def pmap_posteriors(method: str, model: models.VGG, normalization: preprocess.Normalization,
                     flip: bool = True) -> Callable:
-  """The `method` step mapped over this process's devices (no collective: see module doc)."""
+  """The `method` step; each process calls it on batches shaped (local devices, per device, ...).
+
+  Cached, one pmapped function per (method, net, normalization, flip): jax caches compilations
+  per function, so a second evaluation of the same net, as during training, compiles nothing.
+  `devices` is pmap's default, as jax.pmap asks for the same devices on every process.
+  """
   kwargs = dict(model=model, normalization=normalization, flip=flip)
   if method == protocol.DENSE:
     fn = lambda params, batch: dense_posteriors(params, batch['image'], batch['size'], **kwargs)
   else:
     fn = lambda params, batch: multicrop_posteriors(params, batch['crops'], **kwargs)
-  return jax.pmap(fn, in_axes=(None, 0), devices=jax.local_devices())
+  return jax.pmap(fn, in_axes=(None, 0))
 
 
 # ---------------------------------------------------------------------------------------------
@@ -230,15 +237,13 @@ def run(params, config, protocols: Sequence[str], batches: Callable[[str, int], 
   single = single or protocol.single_test_scale(config)
   protocol.check_scales((*scales, single), config.image_size)
   model = models.create_model(config)
-  steps_by_method = {}
+  normalization = preprocess.Normalization.from_config(config)
   passes = protocol.protocol_passes(protocols, single, scales)
   computed = {}
   for method, q in dict.fromkeys(p for ps in passes.values() for p in ps):
-    if method not in steps_by_method:
-      steps_by_method[method] = pmap_posteriors(method, model, preprocess.Normalization.from_config(config),
-                                                flip=config.test_flip)
-    computed[method, q] = posteriors(steps_by_method[method], params, batches(method, q),
-                                     f'{method} Q={q}', num_examples)
+    step = pmap_posteriors(method, model, normalization, flip=config.test_flip)
+    computed[method, q] = posteriors(step, params, batches(method, q), f'{method} Q={q}',
+                                     num_examples)
   results, combined = {}, {}
   for name, needed in passes.items():
     post = computed[needed[0]].average([computed[p] for p in needed[1:]])
