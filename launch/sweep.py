@@ -8,7 +8,8 @@ the run they start from (`depends_on`, with `init_mode`) and extra main flags (`
 A run's main flags are its config, `--workdir=ROOT/NAME`, `--config.init_from=ROOT/DEPENDENCY
 --config.init_mode=MODE`, its overrides, then the flags after `--` (so those win). Runs whose
 workdir holds eval_metrics.json are finished and skipped, so rerunning the sweep picks up where
-it stopped (an interrupted run resumes from its checkpoint).
+it stopped (an interrupted run resumes from its checkpoint). --dry-run prints the plan; with a
+gs:// root it needs no network: the bucket is not read, so finished runs are listed too.
   --target=local  one run after another, `python -m vgg_jax.main`, or through launch.local
                   when --num_processes is given; stops at the first failure.
   --target=tpu    one TPU VM (launch.tpu flags) created once, the runs one after another, logs
@@ -89,6 +90,11 @@ def finished(path: str) -> bool:
   return common.exists(os.path.join(path, 'eval_metrics.json'))
 
 
+def not_checked(path: str) -> None:
+  """A dry run's answer for a gs:// workdir: not asked, so that planning needs no network."""
+  del path
+
+
 def main_args(run: Any, root: str, extra: Sequence[str] = ()) -> list[str]:
   """vgg_jax.main's flags for `run`."""
   args = [f'--config={run.config}', f'--workdir={workdir(root, run.name)}']
@@ -101,11 +107,12 @@ def main_args(run: Any, root: str, extra: Sequence[str] = ()) -> list[str]:
 
 def plan(grid_runs: Sequence[Any], root: str, extra: Sequence[str] = (),
          only: Optional[Sequence[str]] = None,
-         is_finished: Callable[[str], bool] = finished) -> Plan:
+         is_finished: Callable[[str], Optional[bool]] = finished) -> Plan:
   """(name, main flags or 'skip') in the order to run them.
 
-  Raises ValueError if a selected run would start from a run that is neither finished nor
-  selected.
+  `is_finished` may answer None (not known): such a run is planned, and may be what a selected
+  run starts from. Raises ValueError if a selected run would start from a run that is neither
+  finished (or not known) nor selected.
   """
   runs = ordered(grid_runs)
   names = [run.name for run in runs]
@@ -119,7 +126,8 @@ def plan(grid_runs: Sequence[Any], root: str, extra: Sequence[str] = (),
     if run.name not in selected:
       continue
     dependency = run.depends_on
-    if dependency is not None and dependency not in selected and not done[dependency]:
+    if (dependency is not None and dependency not in selected and done[dependency] is not None
+        and not done[dependency]):
       raise ValueError(f'Run {run.name!r} starts from {dependency!r}, which is neither '
                        f'finished ({workdir(root, dependency)}/eval_metrics.json) nor selected.')
     result.append((run.name, SKIP if done[run.name] else main_args(run, root, extra)))
@@ -187,11 +195,19 @@ def main(argv):
   if not FLAGS.root:
     raise app.UsageError('--root is required: each run goes to ROOT/NAME.')
   grid, extra = argv[1], argv[2:]
+  offline = FLAGS.dry_run and common.is_remote(FLAGS.root)
   try:
     runs = load_grid(grid)
-    todo = plan(runs, FLAGS.root, extra, FLAGS.only)
+    todo = plan(runs, FLAGS.root, extra, FLAGS.only, not_checked if offline else finished)
   except ValueError as e:
     raise app.UsageError(f'{grid}: {e}') from e
+  except common.Unreachable as e:
+    sys.exit(f'launch.sweep: cannot look for finished runs in {FLAGS.root} ({e}); check the '
+             'network and the credentials (gcloud auth application-default login), or plan '
+             'offline with --dry-run.')
+  if offline:
+    print(f'# Dry run: {FLAGS.root} not read (no network needed), so runs finished there are '
+          'listed too; the sweep itself skips them.', flush=True)
   for name, args in todo:
     if args == SKIP:
       print(f'skip {name} (finished)', flush=True)

@@ -11,7 +11,8 @@ the workdir must be storage they share: a gs:// bucket. The code reaches the hos
 of this checkout (`gcloud ... scp --recurse`) or, with --repo_url, a git clone. Each run's
 console output is kept in REMOTE_DIR/logs on every host and copied back from worker 0 into
 --logs_dir, with the workdir itself if it is not on GCS. The VM is deleted at the end, also
-after a failure or Ctrl-C, unless --keep. --dry-run prints the commands, one per line.
+after a failure or Ctrl-C, unless --keep. --dry-run prints the commands, one per line (NAME
+and ZONE standing for a missing --name or --zone).
 """
 
 import os
@@ -164,10 +165,16 @@ def execute(plan: Sequence[tuple[str, list[str]]]) -> int:
 
 
 def steps_from_flags(runs: Sequence[tuple[str, Sequence[str]]]) -> list[tuple[str, list[str]]]:
-  """`steps` with this module's flags (launch.sweep uses it too)."""
-  if not FLAGS.name or not FLAGS.zone:
-    raise app.UsageError('--name and --zone are required for a TPU VM.')
-  return steps(FLAGS.name, FLAGS.zone, FLAGS.accelerator_type, FLAGS.version, runs,
+  """`steps` with this module's flags (launch.sweep uses it too); a dry run without --name or
+  --zone shows NAME and ZONE, so that a plan needs neither."""
+  name, zone = FLAGS.name, FLAGS.zone
+  if not name or not zone:
+    if not FLAGS.dry_run:
+      raise app.UsageError('--name and --zone are required for a TPU VM.')
+    print('# Dry run without --name or --zone: NAME and ZONE stand for them; a real run needs '
+          'both.', flush=True)
+    name, zone = name or 'NAME', zone or 'ZONE'
+  return steps(name, zone, FLAGS.accelerator_type, FLAGS.version, runs,
                project=FLAGS.project, spot=FLAGS.spot, repo_url=FLAGS.repo_url,
                remote_dir=FLAGS.remote_dir, logs_dir=FLAGS.logs_dir, keep=FLAGS.keep)
 

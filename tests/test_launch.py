@@ -13,6 +13,7 @@ from absl import flags
 from absl.testing import flagsaver
 import pytest
 
+from launch import common
 from launch import local
 from launch import slurm
 from launch import sweep
@@ -306,6 +307,54 @@ def test_sweep_dry_runs_print_the_local_tpu_and_slurm_launches(tmp_path, capsys)
       f"sbatch --parsable '--dependency=afterok:<job id of D_S256>' {root}/D_S384/vgg_jax.sbatch",
       f'sbatch --parsable {root}/A-LRN_S256/vgg_jax.sbatch']
   assert out.count('#SBATCH --nodes=2') == 3
+
+
+def test_sweep_dry_run_with_a_gcs_root_plans_every_run_without_reading_the_bucket(
+    tmp_path, capsys, monkeypatch):
+  def no_network(path):
+    raise AssertionError(f'a dry run read {path}')
+
+  monkeypatch.setattr(common, 'exists', no_network)
+  grid = write_grid(tmp_path, *CHAIN)
+  out = run_cli(sweep, [grid, '--target=tpu', '--root=gs://bucket/t3', '--dry-run'], capsys)
+  lines = out.splitlines()
+  assert lines[0].startswith('# Dry run: gs://bucket/t3 not read')
+  assert lines[1].startswith('# Dry run without --name or --zone: NAME and ZONE stand for them')
+  commands = [shlex.split(line) for line in lines[2:] if line.startswith('gcloud')]
+  assert [c[4] for c in commands] == ['create', 'ssh', 'scp', 'ssh', 'ssh', 'ssh', 'ssh', 'ssh',
+                                      'scp', 'delete']
+  assert commands[0][5:7] == ['NAME', '--zone=ZONE'] and 'logs/A_S256.log' in out
+  # A selected run may start from one not selected: it may be finished in the bucket.
+  out = run_cli(sweep, [grid, '--target=tpu', '--root=gs://bucket/t3', '--name=vgg', '--zone=z',
+                        '--only=D_S384', '--dry-run'], capsys)
+  assert '--config.init_from=gs://bucket/t3/D_S256' in out and 'logs/D_S256.log' not in out
+
+
+def test_sweep_with_an_unreachable_bucket_stops_in_one_line_naming_the_root(
+    tmp_path, capsys, monkeypatch):
+  import tensorflow as tf  # pylint: disable=g-import-not-at-top
+  asked = []
+
+  def offline(path):  # What tf.io.gfile.exists raises without network.
+    asked.append(path)
+    raise tf.errors.FailedPreconditionError(
+        None, None, "Error executing an HTTP request: libcurl code 6 meaning 'Could not resolve "
+        "hostname', error details: Could not resolve host: www.googleapis.com\n\t when reading "
+        f'metadata of {path}')
+
+  monkeypatch.setattr(tf.io.gfile, 'exists', offline)
+  grid = write_grid(tmp_path, *CHAIN)
+  environ = dict(os.environ)
+  with parsed_flags(grid, '--target=tpu', '--root=gs://bucket/t3', '--name=vgg',
+                    '--zone=z') as remaining:
+    with pytest.raises(SystemExit) as exit_info:
+      sweep.main(remaining)
+  assert dict(os.environ) == environ  # The GCS bounds do not reach the runs it would start.
+  message = exit_info.value.code
+  assert isinstance(message, str) and '\n' not in message, message  # Exit code 1, one line.
+  assert message.startswith('launch.sweep: cannot look for finished runs in gs://bucket/t3 (')
+  assert 'Could not resolve host: www.googleapis.com' in message and '--dry-run' in message
+  assert len(asked) == 1 and not capsys.readouterr().out  # No VM was created.
 
 
 # ---------------------------------------------------------------------------------------------
