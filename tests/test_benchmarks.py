@@ -76,3 +76,13 @@ def test_input_pipeline_smoke_run_compares_decode_crop_and_pil_per_core(tmp_path
     assert r['tf_whole_per_core'] > 0 and r['tf_decode_crop_per_core'] > 0
     assert r['pil_per_core'] > 0
   assert 'decode_crop/PIL' in stdout
+
+
+def test_resume_cost_smoke_run_times_both_readers_at_step_0_and_resumed(tmp_path):
+  report, stdout = run_benchmark('resume_cost', tmp_path, f'--root={tmp_path}')
+  assert report['records'] == 512 and report['resume_step'] == int(0.9 * 512 // 32)
+  assert set(report['results']) == {'random access (vgg_jax)', 'sequential + skip (before)'}
+  for reader in report['results'].values():
+    assert min(reader['first_batch_step0_s'] + reader['first_batch_resumed_s']) > 0
+    assert min(reader['img_per_s']) > 0
+  assert 'resumed / step 0' in stdout
