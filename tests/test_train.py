@@ -52,11 +52,11 @@ def restored_params(workdir, config):
 
 
 # The README's first command with constraints.txt's versions, 2 CPU cores: seeds 0-4 ended at
-# 2.22, 0.83, 1.11, 1.39 and 1.11% top-1 error (README). A run is deterministic on one machine,
-# but another CPU's kernels round differently and draw from that spread (3.06% was seen on
-# another machine with earlier code), so the range asserted is the seeds' widened by about a
-# point each way (in %); outside the recorded versions only the 5% bound is.
-DEFAULT_RUN_TOP1_RANGE = (0.5, 3.5)
+# 3.33, 2.50, 0.83, 0.83 and 1.39% top-1 error (README). A run is deterministic on one machine,
+# but another CPU's kernels round differently and draw from that spread, so the range asserted
+# is the seeds' widened by about a point each way (in %); outside the recorded versions only
+# the 5% bound is.
+DEFAULT_RUN_TOP1_RANGE = (0.3, 4.5)
 # The packages whose versions decide the default run's numbers.
 DECISIVE = ('jax', 'jaxlib', 'flax', 'optax', 'numpy', 'tensorflow-cpu', 'tensorflow-datasets',
             'scikit-learn', 'pillow')
