@@ -14,6 +14,7 @@ restores, steps lost, data lost) and exits 1 if anything was lost.
 """
 
 import argparse
+import contextlib
 import dataclasses
 import functools
 import json
@@ -21,11 +22,15 @@ import os
 import random
 import re
 import signal
+import socket
 import subprocess
 import sys
 import tempfile
 import threading
 import time
+from typing import Optional, Sequence
+
+from launch import local
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 NUM_STEPS = 40
@@ -50,18 +55,24 @@ class Kill:
 
 
 class Run:
-  """`python -m vgg_jax.main` in its own session, its log lines watched as they come."""
+  """`python -m vgg_jax.main` in its own session, its log lines watched as they come; with
+  `devices`, on that many CPU devices of its own (one process of several, see `start_hosts`)."""
 
-  def __init__(self, workdir: str, data_dir: str, cache_dir: str):
-    env = {k: v for k, v in os.environ.items() if k != 'XLA_FLAGS'}
+  def __init__(self, workdir: str, data_dir: str, cache_dir: Optional[str],
+               flags: Sequence[str] = FLAGS, devices: Optional[int] = None):
+    env = {k: v for k, v in os.environ.items()
+           if k not in ('XLA_FLAGS', 'JAX_COMPILATION_CACHE_DIR')}
+    if devices is not None:
+      env = local.process_env(env, 0, devices, 'cpu')
     env['TF_CPP_MIN_LOG_LEVEL'] = '2'
-    # JAX's persistent compilation cache, as a preemptible job would use it: reruns start
-    # without compiling again. The cached executables compute exactly what compiling does.
-    env['JAX_COMPILATION_CACHE_DIR'] = cache_dir
+    if cache_dir:
+      # JAX's persistent compilation cache, as a preemptible job would use it: reruns start
+      # without compiling again. The cached executables compute exactly what compiling does.
+      env['JAX_COMPILATION_CACHE_DIR'] = cache_dir
     self.last_step = 0
     self.lines = []
     self.process = subprocess.Popen(
-        [sys.executable, '-m', 'vgg_jax.main', f'--workdir={workdir}', *FLAGS,
+        [sys.executable, '-m', 'vgg_jax.main', f'--workdir={workdir}', *flags,
          f'--config.data_dir={data_dir}'],
         cwd=REPO, env=env, stderr=subprocess.PIPE, stdout=subprocess.DEVNULL, text=True,
         start_new_session=True)
@@ -84,6 +95,38 @@ class Run:
     code = self.process.wait(timeout)
     self.reader.join()
     return code
+
+  def stop(self):
+    """SIGKILL, if still running: no process outlives a failed test."""
+    if self.process.poll() is None:
+      self.kill()
+
+
+def free_ports(n: int) -> list[int]:
+  """`n` distinct ports nobody listens on now, for jobs started at the same time."""
+  with contextlib.ExitStack() as stack:
+    sockets = [stack.enter_context(socket.socket()) for _ in range(n)]
+    for s in sockets:
+      s.bind(('localhost', 0))
+    return [s.getsockname()[1] for s in sockets]
+
+
+def start_hosts(workdir: str, data_dir: str, flags: Sequence[str], port: int,
+                num_processes: int = 2, devices_per_process: int = 2) -> list[Run]:
+  """The same command as `num_processes` processes joined by jax.distributed (gloo) through
+  localhost:`port`, each on CPU devices of its own, as launch.local starts them; one Run
+  each, so that a test can signal one of them.
+
+  Without the persistent compilation cache: JAX writes it from process 0 only and keys the
+  other processes' executables apart, so with it process 0 would skip compiling while the
+  others compile, and reach the first collective that much sooner; gloo gives up on a peer
+  30 s late, which a loaded machine can be.
+  """
+  address = f'localhost:{port}'
+  return [Run(workdir, data_dir, None,
+              (*flags, f'--coordinator_address={address}', f'--num_processes={num_processes}',
+               f'--process_id={i}'), devices=devices_per_process)
+          for i in range(num_processes)]
 
 
 def writing(checkpoint_dir: str) -> bool:

@@ -22,6 +22,7 @@ from tests.test_steps import device_split, fresh_rng, random_batch, small_config
 from tests.test_train import REPO, restored_params
 from vgg_jax import checkpoints
 from vgg_jax import errors
+from vgg_jax import init_from
 from vgg_jax import steps
 from vgg_jax import train
 
@@ -90,6 +91,76 @@ def test_sigterm_or_ctrl_c_saves_the_current_step_exits_zero_and_the_rerun_resum
   assert rerun.returncode == 0, rerun.stderr[-3000:]
   assert f'at step {step}.' in rerun.stderr
   assert checkpoints.latest_step(str(tmp_path)) == step + 2
+
+
+@pytest.mark.slow
+def test_sigterm_to_process_1_of_2_saves_one_step_in_both_and_the_rerun_equals_an_uninterrupted_run(
+    tmp_path, digits_config):
+  """Several processes stop through JAX's preemption service, not Preemption's handlers: the
+  notice sent to process 1 alone (not the coordinator) must reach process 0 and both must save
+  one step together, or the run hangs in a collective or leaves a torn checkpoint. The rerun
+  must end bitwise where an uninterrupted run does; both stop 2 steps after the saved one (the
+  step count changes no update)."""
+  flags = ['--config=experiments/digits.py',
+           *[f'--config.{k}={v}' for k, v in {**TINY, 'checkpoint_every_steps': 1000}.items()]]
+  preempted, reference = str(tmp_path / 'preempted'), str(tmp_path / 'reference')
+  started = []
+
+  def start(workdir, num_steps, port):
+    hosts = fault_injection.start_hosts(workdir, digits_config.data_dir,
+                                        [*flags, f'--config.num_train_steps={num_steps}'], port)
+    started.extend(hosts)
+    return hosts
+
+  def finish(hosts, timeout):
+    """Each host's log, once all have exited 0 (within `timeout` s)."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline and any(h.process.poll() is None for h in hosts):
+      time.sleep(0.1)
+    codes = [h.process.poll() for h in hosts]
+    for host in hosts:
+      host.stop()
+      host.reader.join()
+    logs = [''.join(host.lines) for host in hosts]
+    assert codes == [0] * len(hosts), (f'exit codes {codes} (None: still running after '
+                                       f'{timeout} s)', *[log[-3000:] for log in logs])
+    return logs
+
+  try:
+    hosts = start(preempted, 5000, *fault_injection.free_ports(1))
+    deadline = time.monotonic() + 600
+    while min(host.last_step for host in hosts) < 3:  # Both compiled, in the loop.
+      assert time.monotonic() < deadline and all(h.process.poll() is None for h in hosts), [
+          ''.join(h.lines[-20:]) for h in hosts]
+      time.sleep(0.05)
+    hosts[1].process.send_signal(signal.SIGTERM)
+    logs = finish(hosts, 180)
+    saved = [re.findall(r'Stopped by SIGTERM at step (\d+): its checkpoint is saved', log)
+             for log in logs]
+    assert len(saved[0]) == 1 and saved[1] == saved[0], (saved, *[l[-3000:] for l in logs])
+    step = int(saved[0][0])
+    assert 3 <= step < 1000, step  # Not a scheduled checkpoint: the one the notice asked for.
+    assert checkpoints.latest_step(preempted) == step
+    assert not os.path.exists(os.path.join(preempted, 'eval_metrics.json'))
+    assert not any('Traceback' in log for log in logs)
+
+    # The rerun and an uninterrupted run of the same command, side by side.
+    rerun_port, reference_port = fault_injection.free_ports(2)
+    logs = finish(start(preempted, step + 2, rerun_port) +
+                  start(reference, step + 2, reference_port), 600)
+    for log in logs[:2]:
+      assert re.search(rf'Resumed from \S+ at step {step}\.', log), log[-3000:]
+      assert f'step {step + 1}/{step + 2}: loss' in log, log[-3000:]
+    assert f'step 1/{step + 2}: loss' in logs[2]
+  finally:
+    for host in started:
+      host.stop()
+  params = []
+  for workdir in (preempted, reference):
+    assert checkpoints.latest_step(workdir) == step + 2
+    params.append(jax.device_get(checkpoints.restore_params(
+        workdir, checkpoints.load_config(workdir))))
+  assert fault_injection.same(*params)
 
 
 def test_a_first_ctrl_c_asks_the_loop_to_stop_and_a_second_aborts():
@@ -245,6 +316,29 @@ def test_resuming_with_other_parameter_shapes_fails_before_building_anything(
       train.train_and_evaluate(changed, str(tmp_path))
   assert str(error.value).startswith(f'config.{field}={value!r}: '), error.value
   assert f'{field}={config[field]!r}' in str(error.value) and not compiled
+
+
+@pytest.mark.parametrize('field,value', [('batch_size', 32), ('seed', 1),
+                                         ('train_split', 'train[:90%]')])
+def test_resuming_with_another_data_order_is_refused_before_compiling_unless_allowed(
+    tmp_path, untrained_run, field, value, caplog):
+  """The rest of the interrupted epoch would repeat or skip examples: one line naming the
+  field and the way out; allowed, the change is logged."""
+  saved, config = untrained_run
+  shutil.copytree(saved, tmp_path, dirs_exist_ok=True)
+  changed = config.copy_and_resolve_references()
+  changed[field] = value
+  with count_compilations() as compiled:
+    with pytest.raises(errors.ConfigError) as error:
+      train.train_and_evaluate(changed, str(tmp_path))
+  message = str(error.value)
+  assert message.startswith(f'config.{field}={value!r}: ') and '\n' not in message, message
+  assert f'{field}={config[field]!r}' in message and 'allow_data_order_change=True' in message
+  assert not compiled
+  changed.allow_data_order_change = True
+  with caplog.at_level('WARNING', logger='absl'):
+    assert init_from.check_resume(str(tmp_path), changed)
+  assert f'{field}={value!r} instead of {config[field]!r}' in caplog.text
 
 
 def test_no_checkpoint_is_ever_loaded_with_pickle(untrained_run, monkeypatch):
