@@ -303,10 +303,9 @@ def untrained_run(tmp_path_factory, digits_config):
   return workdir, config
 
 
-@pytest.mark.parametrize('field,value', [('variant', 'B'), ('width', 0.125),
-                                         ('num_classes', 12), ('image_size', 64)])
-def test_resuming_with_other_parameter_shapes_fails_before_building_anything(
-    tmp_path, untrained_run, field, value):
+def refused_resume(tmp_path, untrained_run, field, value):
+  """Resumes a copy of the untrained run with config.`field` = `value`: (saved config, changed
+  config, the ConfigError's message, compilations meanwhile)."""
   saved, config = untrained_run
   shutil.copytree(saved, tmp_path, dirs_exist_ok=True)
   changed = config.copy_and_resolve_references()
@@ -314,8 +313,16 @@ def test_resuming_with_other_parameter_shapes_fails_before_building_anything(
   with count_compilations() as compiled:
     with pytest.raises(errors.ConfigError) as error:
       train.train_and_evaluate(changed, str(tmp_path))
-  assert str(error.value).startswith(f'config.{field}={value!r}: '), error.value
-  assert f'{field}={config[field]!r}' in str(error.value) and not compiled
+  return config, changed, str(error.value), compiled
+
+
+@pytest.mark.parametrize('field,value', [('variant', 'B'), ('width', 0.125),
+                                         ('num_classes', 12), ('image_size', 64)])
+def test_resuming_with_other_parameter_shapes_fails_before_building_anything(
+    tmp_path, untrained_run, field, value):
+  config, _, message, compiled = refused_resume(tmp_path, untrained_run, field, value)
+  assert message.startswith(f'config.{field}={value!r}: '), message
+  assert f'{field}={config[field]!r}' in message and not compiled
 
 
 @pytest.mark.parametrize('field,value', [('batch_size', 32), ('seed', 1),
@@ -324,14 +331,7 @@ def test_resuming_with_another_data_order_is_refused_before_compiling_unless_all
     tmp_path, untrained_run, field, value, caplog):
   """The rest of the interrupted epoch would repeat or skip examples: one line naming the
   field and the way out; allowed, the change is logged."""
-  saved, config = untrained_run
-  shutil.copytree(saved, tmp_path, dirs_exist_ok=True)
-  changed = config.copy_and_resolve_references()
-  changed[field] = value
-  with count_compilations() as compiled:
-    with pytest.raises(errors.ConfigError) as error:
-      train.train_and_evaluate(changed, str(tmp_path))
-  message = str(error.value)
+  config, changed, message, compiled = refused_resume(tmp_path, untrained_run, field, value)
   assert message.startswith(f'config.{field}={value!r}: ') and '\n' not in message, message
   assert f'{field}={config[field]!r}' in message and 'allow_data_order_change=True' in message
   assert not compiled
