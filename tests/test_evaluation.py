@@ -12,7 +12,6 @@ import subprocess
 import sys
 import types
 
-import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import ml_collections

@@ -14,6 +14,7 @@ from vgg_jax import default_config
 from vgg_jax import input_pipeline
 from vgg_jax import models
 from vgg_jax import preprocess
+from vgg_jax import run_files
 from vgg_jax.inference import Preprocess
 
 SIZE = 64
@@ -124,7 +125,7 @@ def test_load_gives_the_checkpoints_net_parameters_and_normalisation(tmp_path):
   config.update(variant='C', width=1 / 16, num_classes=4, image_size=SIZE, train_scale=(64, 96),
                 std_rgb=(2.0, 3.0, 4.0), channel_order='BGR')
   checkpoints.save_params(str(tmp_path), variables['params'], config)
-  checkpoints.write_class_names(str(tmp_path), ['a', 'b', 'c', 'd'])
+  run_files.write_class_names(str(tmp_path), ['a', 'b', 'c', 'd'])
   loaded_model, loaded, prep = vgg_jax.load(str(tmp_path))
   assert (loaded_model.variant, loaded_model.num_classes, loaded_model.width) == ('C', 4, 1 / 16)
   jax.tree.map(np.testing.assert_array_equal, loaded, variables)

@@ -16,7 +16,7 @@ LAYERS = {
     'errors': 0, 'default_config': 0, 'progress': 0, 'cli': 0,
     'ops': 1, 'models': 1, 'protocol': 1, 'preprocess': 1,
     'steps': 2, 'input_pipeline': 2, 'datasets': 2,
-    'checkpoints': 3, 'init_from': 3, 'evaluation': 3, 'report': 3, 'config_validation': 3,
+    'checkpoints': 3, 'run_files': 3, 'init_from': 3, 'evaluation': 3, 'report': 3, 'config_validation': 3,
     'train': 4, 'evaluate': 4, 'inference': 4, 'convert': 4, 'summary': 4, 'plots': 4,
     'linear_probe': 4,
     'main': 5, '__init__': 5,
@@ -137,9 +137,9 @@ def test_flags_are_defined_at_import_only_by_the_entry_point(module):
     return
   with open(os.path.join(PACKAGE, *module.split('.')) + '.py') as f:
     tree = ast.parse(f.read())
-  at_import = [node.lineno for node in tree.body if isinstance(node, ast.Expr)
-               and 'DEFINE' in ast.unparse(node.value.func if isinstance(node.value, ast.Call)
-                                           else node.value)]
+  at_import = [node.lineno for node in tree.body
+               if isinstance(node, (ast.Expr, ast.Assign, ast.AnnAssign))
+               and isinstance(node.value, ast.Call) and 'DEFINE' in ast.unparse(node.value.func)]
   assert not at_import, f'{module}: flags defined at import, lines {at_import}'
 
 

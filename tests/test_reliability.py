@@ -454,15 +454,22 @@ def test_an_empty_workdir_is_refused_before_anything_is_written(tmp_path, digits
   assert os.listdir(tmp_path) == []
 
 
-def test_cli_names_a_missing_config_file_and_the_one_it_is_near(tmp_path):
+@pytest.mark.parametrize('config_flag', [['--config=experiments/digit.py'],
+                                         ['--config', 'experiments/digit.py']])
+def test_cli_names_a_missing_config_file_and_the_one_it_is_near_before_importing_jax(
+    tmp_path, config_flag):
   result = subprocess.run(
-      [sys.executable, '-m', 'vgg_jax.main', '--config=experiments/digit.py',
+      [sys.executable, '-X', 'importtime', '-m', 'vgg_jax.main', *config_flag,
        f'--workdir={tmp_path}'], cwd=REPO, capture_output=True, text=True, timeout=300,
       check=False)
   assert result.returncode != 0 and 'Traceback' not in result.stderr, result.stderr[-3000:]
-  assert result.stderr.strip().splitlines()[-1] == (
-      'FATAL Flags parsing error: --config=experiments/digit.py: no such file. Did you mean '
-      'experiments/digits.py?')
+  lines = [line for line in result.stderr.strip().splitlines()
+           if not line.startswith('import time:')]
+  assert lines == ['FATAL Flags parsing error: --config=experiments/digit.py: no such file. '
+                   'Did you mean experiments/digits.py?']
+  imported = {line.split('|')[-1].strip() for line in result.stderr.splitlines()
+              if line.startswith('import time:')}
+  assert not imported & {'jax', 'tensorflow', 'orbax'}, imported & {'jax', 'tensorflow', 'orbax'}
 
 
 def test_evaluate_names_a_workdir_without_checkpoints_in_one_line(tmp_path):

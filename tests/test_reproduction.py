@@ -3,7 +3,6 @@ end in its quick mode, and the statistics its verdicts rest on. The findings the
 docs/reproduction.md; these tests do not assert them."""
 
 import json
-import os
 import subprocess
 import sys
 

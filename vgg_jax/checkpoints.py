@@ -15,9 +15,8 @@ process of a multi-host run takes part in a checkpoint with nothing duplicated.
 """
 
 import contextlib
-import json
 import os
-from typing import Any, Optional, Sequence
+from typing import Any, Optional
 
 from etils import epath
 import jax
@@ -31,8 +30,6 @@ from vgg_jax import models
 ITEMS = ('state', 'config')
 # Beside the checkpoints: the class names, in label order; and, in a directory of imported
 # weights (vgg_jax.convert), where they came from.
-CLASS_NAMES = 'classes.json'
-SOURCE_RECORD = 'source.json'
 # The state's fields a checkpoint holds (`TrainState`'s, less the functions).
 SAVED_FIELDS = ('step', 'params', 'opt_state', 'plateau', 'nonfinite_steps')
 
@@ -192,17 +189,3 @@ def save_params(workdir: str, params, config) -> None:
     manager.save(0, args=ocp.args.Composite(state=ocp.args.StandardSave({'params': params}),
                                             config=ocp.args.JsonSave(config.to_dict())))
     manager.wait_until_finished()
-
-
-def write_class_names(workdir: str, names: Sequence[str]) -> None:
-  """WORKDIR/classes.json: the class names in label order, for predictions (process 0)."""
-  if jax.process_index() == 0:
-    path = epath.Path(workdir)
-    path.mkdir(parents=True, exist_ok=True)
-    (path / CLASS_NAMES).write_text(json.dumps(list(names), indent=0))
-
-
-def class_names(workdir: str) -> Optional[list[str]]:
-  """The class names of WORKDIR's net in label order; None if it has none recorded."""
-  path = epath.Path(workdir) / CLASS_NAMES
-  return json.loads(path.read_text()) if path.exists() else None

@@ -13,12 +13,19 @@ from absl import logging
 # Libraries whose INFO lines are chatter for a vgg_jax run: Orbax and tfds log every file they
 # touch, JAX that this machine has no TPU.
 CHATTY = ('/orbax/', '/tensorflow_datasets/', '/jax/_src/xla_bridge.py')
+# Warnings that describe a library's workings rather than a problem of the run: tfds names
+# the builder config of every folder dataset it prepares.
+BENIGN_WARNINGS = ('Using custom data configuration',)
 
 
 def _quiet_libraries(record) -> bool:
-  """Keeps every warning, and the libraries' INFO lines only with --verbosity=1 or more."""
-  return (record.levelno >= std_logging.WARNING or logging.get_verbosity() > logging.INFO
-          or not any(part in record.pathname for part in CHATTY))
+  """Keeps every warning but the benign ones, and the libraries' INFO lines, only with
+  --verbosity=1 or more."""
+  if logging.get_verbosity() > logging.INFO:
+    return True
+  if record.levelno >= std_logging.WARNING:
+    return not str(record.msg).startswith(BENIGN_WARNINGS)
+  return not any(part in record.pathname for part in CHATTY)
 
 
 def setup() -> None:
@@ -27,6 +34,9 @@ def setup() -> None:
   import tensorflow as tf  # pylint: disable=g-import-not-at-top
   tf.config.set_visible_devices([], 'GPU')
   tf.config.set_visible_devices([], 'TPU')
+  if logging.get_verbosity() <= logging.INFO:
+    import tensorflow_datasets as tfds  # pylint: disable=g-import-not-at-top
+    tfds.disable_progress_bar()
 
 
 def load_file(path: str) -> ModuleType:

@@ -31,6 +31,7 @@ import numpy as np
 
 from vgg_jax import models
 from vgg_jax import preprocess
+from vgg_jax import run_files
 
 SOURCES = ('torchvision', 'keras', 'caffe')
 # The input each source's released weights were trained on, in its own terms, and as the
@@ -399,13 +400,13 @@ def save(output: str, variables: dict, fields: dict, source: str,
   checkpoints.save_params(output, variables['params'], config)
   names = (imagenet_class_names() if fields['num_classes'] == 1000
            else [str(i) for i in range(fields['num_classes'])])
-  checkpoints.write_class_names(output, names)
+  run_files.write_class_names(output, names)
   record = {'source': source, 'input': os.path.abspath(input_path) if input_path else None,
             'sha256': _sha256(input_path) if input_path else None, **fields,
             'expected_input': SOURCE_INPUT[source],
             'applied_as': {'mean_rgb': norm.mean_rgb, 'std_rgb': norm.std_rgb,
                            'channel_order': norm.channel_order, 'units': '0-255, RGB order'}}
-  with open(os.path.join(output, checkpoints.SOURCE_RECORD), 'w') as f:
+  with open(os.path.join(output, run_files.SOURCE_RECORD), 'w') as f:
     json.dump(record, f, indent=2)
   return output
 

@@ -32,10 +32,10 @@ def get_config(arg: Optional[str] = None) -> ml_collections.ConfigDict:
 
   # Model (Table 1).
   config.variant = 'A'  # 'A', 'A-LRN', 'B', 'C', 'D' or 'E'.
-  config.num_classes = 1000
-  config.width = 1.0  # Channel multiplier; 1.0 is the paper's net.
-  config.dtype = 'float32'  # Compute dtype ('bfloat16' too); parameters stay float32.
-  config.dropout_rate = 0.5
+  config.num_classes = 1000  # fc8's width; must match the dataset's classes.
+  config.width = 1.0  # Channel multiplier of every layer (fc6, fc7 too); 1.0: the paper's.
+  config.dtype = 'float32'  # Compute dtype ('bfloat16', 'float16' too); parameters: float32.
+  config.dropout_rate = 0.5  # After fc6 and after fc7.
   config.init = 'paper'  # 'paper': N(0, init_std^2), biases 0; or 'glorot'.
   # The paper's "variance 1e-2" read as Caffe and torchvision read it: std 0.01 (std 0.1
   # makes a ReLU VGG's signal grow ~5x per layer).
@@ -66,18 +66,20 @@ def get_config(arg: Optional[str] = None) -> ml_collections.ConfigDict:
   config.manual_dir = config_dict.placeholder(str)  # Where the ILSVRC-2012 tar files are.
   config.train_split = 'train'
   config.eval_split = 'validation'
-  config.image_size = 224  # Training crop.
+  config.image_size = 224  # Training crop: a multiple of 32, at most Smin.
   # S: smallest image side after the isotropic rescale. An int is a fixed S; (Smin, Smax)
   # draws S per image uniformly from [Smin, Smax] (scale jittering).
   config.train_scale = config_dict.FieldReference(256, field_type=object)
   # Q for single-scale evaluation; None: S, or (Smin + Smax) / 2 for a jittered S (Sec. 3.2).
   config.eval_scale = config_dict.placeholder(int)
   config.random_flip = True
-  # JPEGs: decode only the crop's window and resize it, rather than decoding and rescaling the
-  # whole image; the same crop up to a pixel's rounding, several times cheaper on the host.
+  # JPEGs: decode only the crop's window (tf.io.decode_and_crop_jpeg) and resize it, rather than
+  # decoding and rescaling the whole image; the same crop up to a pixel's rounding, several
+  # times cheaper on the host. Other formats are decoded whole.
   config.decode_crop = True
   config.color_shift_std = 0.1  # AlexNet PCA colour shift, alpha ~ N(0, std^2); 0 disables.
-  config.mean_rgb = (123.68, 116.779, 103.939)  # ILSVRC-2012 training-set mean, 0-255.
+  # ILSVRC-2012 training-set mean, 0-255; subtracted on the device.
+  config.mean_rgb = (123.68, 116.779, 103.939)
   # The net sees (pixel - mean_rgb) / std_rgb, 0-255 units in RGB order, with its channels in
   # channel_order. The paper: the mean only, RGB. Imported weights record their own
   # (torchvision: std 255 * (0.229, 0.224, 0.225); Caffe and Keras: BGR); see vgg_jax.convert.
@@ -102,7 +104,9 @@ def get_config(arg: Optional[str] = None) -> ml_collections.ConfigDict:
   config.eval_protocols_every_steps = -1
 
   # Optimisation: mini-batch SGD with momentum and L2 weight decay (Sec. 3.1).
-  config.batch_size = 256  # Global, across all devices and hosts.
+  # Global, across all devices and hosts, and split evenly over the devices (so divisible by
+  # their number); eval_batch_size, dense_ and multicrop_batch_size are global too.
+  config.batch_size = 256
   # Each device's share is run as grad_accum_steps micro-batches whose gradients are averaged
   # before the update: the paper's batch of 256 on devices that hold fewer images.
   config.grad_accum_steps = 1

@@ -25,6 +25,7 @@ from vgg_jax import models
 from vgg_jax import ops
 from vgg_jax import preprocess as preprocessing
 from vgg_jax import protocol
+from vgg_jax import run_files
 
 Images = Union[np.ndarray, jax.Array, Sequence[np.ndarray]]
 
@@ -85,7 +86,7 @@ def load(path: str, step: Optional[int] = None) -> tuple[models.VGG, dict, Prepr
 
 def class_names(path: str) -> Optional[list[str]]:
   """The class names of the net in `path` (a workdir or convert output), in label order."""
-  return checkpoints.class_names(path)
+  return run_files.class_names(path)
 
 
 def _feature_names(variant: str) -> list[str]:

@@ -10,12 +10,12 @@ import dataclasses
 from typing import Callable, Optional
 
 from absl import logging
-from etils import epath
 import ml_collections
 
 from vgg_jax import checkpoints
 from vgg_jax import errors
 from vgg_jax import preprocess
+from vgg_jax import run_files
 
 # Config fields that fix the parameter shapes: a checkpoint only fits a net that agrees on all.
 SHAPE_FIELDS = ('variant', 'width', 'num_classes', 'image_size')
@@ -62,7 +62,7 @@ MODES = {
 def check_resume(workdir: str, config) -> bool:
   """Whether WORKDIR holds a checkpoint to resume; a ConfigError, before anything is built,
   when that checkpoint's net or optimiser state does not fit `config`."""
-  if (epath.Path(workdir) / checkpoints.SOURCE_RECORD).exists():
+  if run_files.is_conversion(workdir):
     raise errors.ConfigError(
         f'--workdir={workdir!r} holds imported weights (vgg_jax.convert), not a training run; '
         f'train in a new workdir with --config.init_from={workdir}.')

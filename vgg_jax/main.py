@@ -1,6 +1,8 @@
 """Trains and evaluates a VGG net: `python -m vgg_jax.main --config=FILE --workdir=DIR`.
 
-Config fields are overridden on the command line, e.g. `--config.batch_size=64`.
+Config fields are overridden on the command line, e.g. `--config.batch_size=64`. JAX,
+TensorFlow and the training code are imported once the flags are read, so a mistyped flag is
+reported in a second rather than after ten of imports.
 """
 
 import difflib
@@ -11,13 +13,10 @@ from typing import Optional
 from absl import app
 from absl import flags
 from absl import logging
-import jax
 from ml_collections import config_flags
 
-from vgg_jax import checkpoints
 from vgg_jax import cli
 from vgg_jax import errors
-from vgg_jax import train
 
 FLAGS = flags.FLAGS
 flags.DEFINE_string('workdir', None, 'Directory for checkpoints, summaries and eval_metrics.json.')
@@ -36,6 +35,7 @@ def initialize_distributed() -> None:
   multi-host Cloud TPU VMs, jax.distributed detects the cluster itself. CPU processes
   exchange collectives through gloo.
   """
+  import jax  # pylint: disable=g-import-not-at-top
   explicit = (FLAGS.num_processes or 1) > 1
   slurm = int(os.environ.get('SLURM_NTASKS', '1')) > 1
   tpu_pod = len(os.environ.get('TPU_WORKER_HOSTNAMES', '').split(',')) > 1
@@ -51,8 +51,12 @@ def initialize_distributed() -> None:
 
 
 def _config_arg(argv: list[str]) -> Optional[str]:
-  """The FILE[:ARG] of the last --config=FILE[:ARG] in argv, if any."""
-  values = [a.split('=', 1)[1] for a in argv if a.startswith('--config=')]
+  """The FILE[:ARG] of the last --config=FILE[:ARG] (or --config FILE[:ARG]) in argv, if any."""
+  values = []
+  for i, argument in enumerate(argv):
+    name, equals, value = argument.partition('=')
+    if name in ('--config', '-config'):
+      values.append(value if equals else (argv[i + 1] if i + 1 < len(argv) else None))
   return values[-1] if values else None
 
 
@@ -104,6 +108,9 @@ def main(argv):
     raise app.UsageError(f'Unexpected arguments: {" ".join(argv[1:])}')
   initialize_distributed()
   cli.setup()
+  import jax  # pylint: disable=g-import-not-at-top
+  from vgg_jax import checkpoints  # pylint: disable=g-import-not-at-top
+  from vgg_jax import train  # pylint: disable=g-import-not-at-top
   logging.info('JAX %s: process %d of %d, %d local device(s): %s', jax.__version__,
                jax.process_index(), jax.process_count(), jax.local_device_count(),
                jax.local_devices()[0].device_kind)

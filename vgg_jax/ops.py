@@ -29,7 +29,7 @@ def shifted_matmul_weight_grad(x: jax.Array, grad: jax.Array, kernel_size: int) 
                        (0, 0)))
   grad = grad.reshape(n * height * width, -1)
   taps = [jnp.matmul(padded[:, i:i + height, j:j + width].reshape(-1, channels).T, grad,
-                     preferred_element_type=jnp.float32)
+                     preferred_element_type=jnp.promote_types(x.dtype, jnp.float32))
           for i in range(kernel_size) for j in range(kernel_size)]
   return jnp.stack(taps).reshape(kernel_size, kernel_size, channels, grad.shape[-1])
 

@@ -38,6 +38,7 @@ from vgg_jax import input_pipeline
 from vgg_jax import progress as progress_lib
 from vgg_jax import protocol
 from vgg_jax import report
+from vgg_jax import run_files
 from vgg_jax import steps
 
 
@@ -211,7 +212,7 @@ def preflight(config, workdir: str) -> Plan:
   if not resuming and config.get('init_from'):
     init_from.check_init_from(config)
   check_workdir(workdir)
-  checkpoints.write_class_names(workdir, input_pipeline.class_names(builder))
+  run_files.write_class_names(workdir, input_pipeline.class_names(builder))
   num_steps = (config.num_train_steps if config.num_train_steps > 0
                else int(config.num_epochs * sizes.steps_per_epoch))
   eval_every = config.eval_every_steps if config.eval_every_steps > 0 else sizes.steps_per_epoch
