@@ -6,6 +6,7 @@ examples read straight from tfds, the paper's numbers typed from its tables.
 """
 
 import contextlib
+import functools
 import json
 import os
 import subprocess
@@ -27,6 +28,7 @@ from vgg_jax import models
 from vgg_jax import preprocess
 from vgg_jax import protocol
 from vgg_jax import report
+from vgg_jax import steps
 from tests.test_train import REPO, run_main
 
 NUM_CLASSES = 7
@@ -47,6 +49,13 @@ def softmax(x: np.ndarray) -> np.ndarray:
   return e / e.sum(axis=-1, keepdims=True)
 
 
+@functools.partial(jax.jit, static_argnums=0,
+                   static_argnames=('train', 'dense', 'capture_intermediates', 'mutable'))
+def apply(model, variables, x, **kwargs):
+  """`model.apply`, compiled once per shape: run eagerly, every op compiles on its own."""
+  return model.apply(variables, x, **kwargs)
+
+
 def tiny_net(variant: str = 'A', center_taps_only: bool = False):
   """A 1/16-width net with random weights and random (non-zero) biases.
 
@@ -56,8 +65,8 @@ def tiny_net(variant: str = 'A', center_taps_only: bool = False):
   """
   rng = fresh_rng()
   model = models.VGG(variant, num_classes=NUM_CLASSES, width=1 / 16, init_scheme='glorot')
-  params = model.init(jax.random.key(rng.integers(2**31)),
-                      jnp.zeros((1, TRAIN_SIZE, TRAIN_SIZE, 3)))['params']
+  params = steps.init_params(model, jax.random.key(rng.integers(2**31)),
+                             jnp.zeros((1, TRAIN_SIZE, TRAIN_SIZE, 3)))
 
   def randomise(path, x):
     name = path[-1].key
@@ -78,8 +87,8 @@ def tiny_net(variant: str = 'A', center_taps_only: bool = False):
 def test_dense_scores_at_training_size_equal_the_standard_logits(variant):
   model, params = tiny_net(variant)
   x = jnp.asarray(fresh_rng().normal(0, 50, (3, TRAIN_SIZE, TRAIN_SIZE, 3)), jnp.float32)
-  logits = model.apply({'params': params}, x)
-  scores = model.apply({'params': params}, x, dense=True)
+  logits = apply(model, {'params': params}, x)
+  scores = apply(model, {'params': params}, x, dense=True)
   assert scores.shape == (3, 1, 1, NUM_CLASSES)
   assert rel_err(scores[:, 0, 0], logits) <= 1e-5
 
@@ -88,20 +97,20 @@ def test_each_dense_score_is_the_standard_net_on_its_window_at_stride_32():
   model, params = tiny_net(center_taps_only=True)
   x = jnp.asarray(fresh_rng().normal(0, 50, (2, TRAIN_SIZE + 64, TRAIN_SIZE + 96, 3)),
                   jnp.float32)
-  scores = model.apply({'params': params}, x, dense=True)
+  scores = apply(model, {'params': params}, x, dense=True)
   assert scores.shape == (2, 3, 4, NUM_CLASSES)
   for r in range(3):
     for c in range(4):
       window = x[:, 32 * r:32 * r + TRAIN_SIZE, 32 * c:32 * c + TRAIN_SIZE]
-      assert rel_err(scores[:, r, c], model.apply({'params': params}, window)) <= 1e-5, (r, c)
+      assert rel_err(scores[:, r, c], apply(model, {'params': params}, window)) <= 1e-5, (r, c)
 
 
 def test_dense_head_is_fc6_fc7_fc8_applied_to_every_window_of_conv5_features():
   """Real 3x3 kernels: the head, computed in numpy from conv5_2's output, window by window."""
   model, params = tiny_net()
   x = jnp.asarray(fresh_rng().normal(0, 50, (2, 160, 128, 3)), jnp.float32)
-  scores, state = model.apply({'params': params}, x, dense=True, capture_intermediates=True,
-                              mutable=['intermediates'])
+  scores, state = apply(model, {'params': params}, x, dense=True, capture_intermediates=True,
+                        mutable=('intermediates',))
   conv5 = np.maximum(np.asarray(state['intermediates']['conv5_2']['__call__'][0], np.float64), 0)
   n, h, w, c = conv5.shape
   pool5 = conv5.reshape(n, h // 2, 2, w // 2, 2, c).max(axis=(2, 4))  # (2, 5, 4, c)
@@ -123,10 +132,10 @@ def test_padded_images_with_their_sizes_score_exactly_as_each_image_alone():
   rng = fresh_rng()
   sizes = [(64, 64), (70, 150), (127, 97), (160, 160)]
   batch = rng.normal(0, 50, (len(sizes), 160, 160, 3)).astype(np.float32)  # Garbage padding.
-  scores = model.apply({'params': params}, jnp.asarray(batch), dense=True,
+  scores = apply(model, {'params': params}, jnp.asarray(batch), dense=True,
                        sizes=jnp.asarray(sizes))
   for i, (h, w) in enumerate(sizes):
-    alone = model.apply({'params': params}, jnp.asarray(batch[i:i + 1, :h, :w]), dense=True)
+    alone = apply(model, {'params': params}, jnp.asarray(batch[i:i + 1, :h, :w]), dense=True)
     rows, cols = alone.shape[1:3]
     assert rel_err(scores[i, :rows, :cols], alone[0]) <= 1e-5, (h, w)
 
@@ -134,16 +143,16 @@ def test_padded_images_with_their_sizes_score_exactly_as_each_image_alone():
 def test_dense_accepts_any_size_and_aspect_at_least_the_training_size():
   model, params = tiny_net()
   for height, width in [(64, 64), (70, 150), (203, 97), (96, 333)]:
-    scores = model.apply({'params': params}, jnp.zeros((1, height, width, 3)), dense=True)
+    scores = apply(model, {'params': params}, jnp.zeros((1, height, width, 3)), dense=True)
     assert scores.shape == (1, height // 32 - 1, width // 32 - 1, NUM_CLASSES)
 
 
 def test_dense_refuses_training_mode_and_images_below_the_training_size():
   model, params = tiny_net()
   with pytest.raises(ValueError, match='evaluation only'):
-    model.apply({'params': params}, jnp.zeros((1, 64, 64, 3)), train=True, dense=True)
+    apply(model, {'params': params}, jnp.zeros((1, 64, 64, 3)), train=True, dense=True)
   with pytest.raises(ValueError, match='at least the training size'):
-    model.apply({'params': params}, jnp.zeros((1, 48, 96, 3)), dense=True)
+    apply(model, {'params': params}, jnp.zeros((1, 48, 96, 3)), dense=True)
 
 
 def test_checkpoint_holds_one_copy_of_fc6():
@@ -172,7 +181,7 @@ def test_dense_posterior_averages_softmax_of_image_and_flip_over_valid_locations
     views = (image, image[:, ::-1]) if flip else (image,)
     expected = 0
     for view in views:
-      score_map = np.asarray(model.apply({'params': params}, jnp.asarray(view[None]), dense=True))
+      score_map = np.asarray(apply(model, {'params': params}, jnp.asarray(view[None]), dense=True))
       expected = expected + softmax(score_map[0].astype(np.float64).mean(axis=(0, 1))) / len(views)
     assert rel_err(probs[i], expected) <= 1e-5, (h, w)
 
@@ -191,7 +200,7 @@ def test_multicrop_posterior_averages_softmax_of_25_crops_and_their_flips(flip):
     if flip:
       views = np.concatenate([views, views[:, :, ::-1]])
     assert len(views) == (50 if flip else 25)
-    logits = np.asarray(model.apply({'params': params}, jnp.asarray(views)), np.float64)
+    logits = np.asarray(apply(model, {'params': params}, jnp.asarray(views)), np.float64)
     assert rel_err(probs[i], softmax(logits).mean(axis=0)) <= 1e-5
 
 
@@ -259,7 +268,7 @@ def test_dense_compiles_once_per_shape_bucket_not_per_image(photos_config):
   builder = input_pipeline.get_builder(config)
   model, params = tiny_net()
   model = model.clone(num_classes=3)
-  params = model.init(jax.random.key(1), jnp.zeros((1, 64, 64, 3)))['params']
+  params = steps.init_params(model, jax.random.key(1), jnp.zeros((1, 64, 64, 3)))
   step = evaluation.pmap_posteriors(protocol.DENSE, model,
                                     preprocess.Normalization.from_config(config))
   bound = protocol.dense_shapes_bound(64, config)
@@ -278,7 +287,7 @@ def test_dense_compiles_once_per_shape_bucket_not_per_image(photos_config):
 def test_multicrop_compiles_once_whatever_the_image_shapes(photos_config):
   builder = input_pipeline.get_builder(photos_config)
   model = models.VGG('A', num_classes=3, width=1 / 16)
-  params = model.init(jax.random.key(2), jnp.zeros((1, 64, 64, 3)))['params']
+  params = steps.init_params(model, jax.random.key(2), jnp.zeros((1, 64, 64, 3)))
   step = evaluation.pmap_posteriors(protocol.MULTICROP, model,
                                     preprocess.Normalization((0.0, 0.0, 0.0)))
   with count_compilations() as compiles:
@@ -304,8 +313,9 @@ def test_second_in_training_evaluation_traces_and_compiles_nothing(tmp_path, dig
   config.variant, config.width, config.eval_split = 'A', 1 / 16, 'test[:48]'
   config.eval_protocols, config.test_scales = 'dense,multicrop', (32, 36)
   builder = input_pipeline.get_builder(config)
-  params = models.create_model(config).init(jax.random.key(4), jnp.zeros((1, 32, 32, 3)))
-  state = types.SimpleNamespace(params=jax.device_put(params['params'],
+  params = steps.init_params(models.create_model(config), jax.random.key(4),
+                             jnp.zeros((1, 32, 32, 3)))
+  state = types.SimpleNamespace(params=jax.device_put(params,
                                                       steps.replicated_sharding()))
   writer = ScalarRecorder()
   evaluation.pmap_posteriors.cache_clear()  # As in a new run.
@@ -343,7 +353,7 @@ def test_every_example_is_scored_once_when_the_split_is_not_a_multiple_of_the_ba
   config.train_scale = (32, 36)
   config.dense_batch_size = config.multicrop_batch_size = batch  # 360 = 7 x 48 + 24 = 22 x 16 + 8
   model = models.VGG('A', num_classes=10, width=1 / 16, init_scheme='glorot')
-  params = model.init(jax.random.key(3), jnp.zeros((1, 32, 32, 3)))['params']
+  params = steps.init_params(model, jax.random.key(3), jnp.zeros((1, 32, 32, 3)))
   step = evaluation.pmap_posteriors(method, model, preprocess.Normalization.from_config(config))
   post = evaluation.posteriors(step, params, input_pipeline.test_batch_iterator(
       input_pipeline.get_builder(config), config, method, 34))
@@ -506,14 +516,16 @@ def tensorboard_scalars(workdir, tag: str) -> dict[int, float]:
 def test_train_briefly_then_evaluate_every_protocol_and_fuse_two_nets(tmp_path, digits_config):
   """Issue check 9: two short digits runs, every protocol, fusion; results.json is sane."""
   net_a, net_b = str(tmp_path / 'a'), str(tmp_path / 'b')
-  steps = '--config.num_train_steps=150'
-  run_main(net_a, digits_config.data_dir, steps, '--config.eval_protocols=single,dense',
-           '--config.eval_protocols_every_steps=75')
+  test_split = '--config.eval_split=test[:120]'  # A third of the test split: the test's cost.
+  run_main(net_a, digits_config.data_dir, '--config.num_train_steps=150', test_split,
+           '--config.eval_protocols=single,dense', '--config.eval_protocols_every_steps=75')
   # During training: the protocols ran at steps 75 and 150, in TensorBoard and results.json.
   assert set(tensorboard_scalars(net_a, 'test/dense/top1_error')) == {75, 150}
   with open(os.path.join(net_a, 'eval', 'results.json')) as f:
     assert set(json.load(f)) == {'single', 'dense'}
-  run_main(net_b, digits_config.data_dir, steps, '--config.seed=1', '--config.variant=A')
+  # A weak second net (40 steps) is enough for fusion's bookkeeping.
+  run_main(net_b, digits_config.data_dir, '--config.num_train_steps=40', test_split,
+           '--config.seed=1', '--config.variant=A')
 
   log = run_evaluate(f'--workdir={net_a}', '--protocol=all', f'--fuse={net_b}').stderr
   with open(os.path.join(net_a, 'eval', 'results.json')) as f:
@@ -524,7 +536,7 @@ def test_train_briefly_then_evaluate_every_protocol_and_fuse_two_nets(tmp_path, 
   crops = {'single': 1, 'dense': 3, 'multicrop': 75, 'dense+multicrop': 78}
   for name, r in results.items():
     protocol = name.split(':')[-1]
-    assert r['num_examples'] == 360
+    assert r['num_examples'] == 120
     assert 0.0 <= r['top5_error'] <= r['top1_error'] < 0.5, name  # Chance is 0.9.
     assert r['scales'] == ([34] if protocol == 'single' else [32, 34, 36])
     assert r['img_per_s'] > 0 and r['paper'] is None

@@ -51,10 +51,12 @@ def evaluate_workdirs(workdir: str, protocols=protocol.PROTOCOLS, scales=None, f
             f'{configs[0][field]!r}; fused nets must classify the same dataset.')
   split = split or configs[0].eval_split
   builder = input_pipeline.get_builder(configs[0])
-  if split not in builder.info.splits:
+  try:
+    split_info = builder.info.splits[split]  # 'test', and slices such as 'test[:120]'.
+  except (KeyError, ValueError) as e:
     raise errors.ConfigError(f'--split={split!r}: {configs[0].dataset} has splits '
-                             f'{", ".join(builder.info.splits)}.')
-  num_examples = -(-builder.info.splits[split].num_examples // jax.process_count())
+                             f'{", ".join(builder.info.splits)}.') from e
+  num_examples = -(-split_info.num_examples // jax.process_count())
 
   results, members = {}, []
   for d, config in zip(dirs, configs):
