@@ -24,7 +24,6 @@ No tensorflow is imported: this runs unchanged on accelerator images that lack i
 
 import json
 import os
-import statistics
 import sys
 import time
 import traceback
@@ -38,6 +37,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from benchmarks.timing import TORCHVISION, in_turns, torch_versions
 from vgg_jax import models
 from vgg_jax import ops
 from vgg_jax import preprocess
@@ -69,7 +69,6 @@ flags.DEFINE_string('json', None, 'Also write the results as JSON to this path.'
 flags.DEFINE_bool('smoke', False, 'CI settings: variant A at 32x32, batch 2, 2 steps, 1 '
                   'warm-up (override the flags above).')
 
-TORCHVISION = {'A': 'vgg11', 'B': 'vgg13', 'D': 'vgg16', 'E': 'vgg19'}
 # Dense peak FLOP/s by device kind and dtype (float32 as TF32 tensor-core matmuls, which is
 # what XLA's and PyTorch's default GPU precision use for convolutions).
 PEAK_FLOPS = {
@@ -119,32 +118,6 @@ def peak_flops(device_kind: str, dtype: str):
     if name in device_kind:
       return peaks[dtype]
   return None
-
-
-def in_turns(candidates: dict, num_steps: int, warmup: int, block: int) -> dict:
-  """Times each candidate's `step()` (which blocks until done): its first call (compilation
-  included) and `warmup` untimed calls, then `num_steps` timed calls taken in turns of
-  `block` steps per candidate, so a drift in the machine's load hits all of them alike. Each
-  turn starts with one untimed step: the other framework's worker threads (OpenMP's spin
-  waits on CPU) must settle first, or they slow this one's first step down."""
-  out = {}
-  for name, step in candidates.items():
-    start = time.perf_counter()
-    step()
-    out[name] = {'first_step_s': time.perf_counter() - start, 'step_times_s': []}
-    for _ in range(warmup):
-      step()
-  while any(len(r['step_times_s']) < num_steps for r in out.values()):
-    for name, step in candidates.items():
-      times = out[name]['step_times_s']
-      step()
-      for _ in range(min(block, num_steps - len(times))):
-        start = time.perf_counter()
-        step()
-        times.append(time.perf_counter() - start)
-  for r in out.values():
-    r['median_step_s'] = statistics.median(r['step_times_s'])
-  return out
 
 
 def synthetic_batch(batch: int, image_size: int, num_classes: int, seed: int = 0):
@@ -342,16 +315,6 @@ def torch_device_peak() -> dict:
   peak = {'device_peak_bytes_in_use': int(torch.cuda.max_memory_allocated())}
   torch.cuda.reset_peak_memory_stats()
   return peak
-
-
-def torch_versions() -> dict:
-  try:
-    import torch  # pylint: disable=g-import-not-at-top
-    import torchvision  # pylint: disable=g-import-not-at-top
-  except ImportError:
-    return {}
-  return {'torch': torch.__version__, 'torchvision': torchvision.__version__,
-          'device': (torch.cuda.get_device_name() if torch.cuda.is_available() else 'cpu')}
 
 
 def main(argv):

@@ -86,3 +86,23 @@ def test_resume_cost_smoke_run_times_both_readers_at_step_0_and_resumed(tmp_path
     assert min(reader['first_batch_step0_s'] + reader['first_batch_resumed_s']) > 0
     assert min(reader['img_per_s']) > 0
   assert 'resumed / step 0' in stdout
+
+
+def test_inference_smoke_run_times_features_and_predict(tmp_path):
+  report, stdout = run_benchmark('inference', tmp_path)
+  (row,) = report['rows']
+  assert (row['variant'], row['image_size'], row['batch']) == ('A', 32, 1)
+  for name in ('vgg_jax features', 'vgg_jax predict (dense)'):
+    assert row[name]['images_per_s'] > 0 and len(row[name]['step_times_s']) == 2
+  assert 'vgg_jax features' in stdout
+
+
+def test_winograd_smoke_run_checks_both_tile_sizes_against_xla_on_every_layer(tmp_path):
+  report, stdout = run_benchmark('winograd', tmp_path)
+  assert [r['layer'] for r in report['results']] == [
+      'conv1_1', 'conv2_1', 'conv3_1', 'conv3_2', 'conv4_1', 'conv4_2', 'conv5_1', 'conv5_2']
+  for r in report['results']:
+    # F(4x4)'s transforms have larger constants than F(2x2)'s, hence more float32 rounding.
+    assert r['error']['F(2x2,3x3)'] < 1e-5 and r['error']['F(4x4,3x3)'] < 1e-4, r
+    assert min(r['ms'].values()) > 0
+  assert 'err F(4x4)' in stdout
