@@ -179,13 +179,14 @@ def test_a_first_ctrl_c_asks_the_loop_to_stop_and_a_second_aborts():
 
 @pytest.mark.slow
 def test_sigkill_at_random_moments_and_mid_write_loses_nothing(tmp_path, digits_config):
-  """Three trials of tests/fault_injection.py (docs/reliability.md: `python -m tests.fault_injection`)."""
+  """Two trials of tests/fault_injection.py (docs/reliability.md: `python -m tests.fault_injection`):
+  the first killed during a checkpoint write, the second between writes."""
   lines = []
-  summary = fault_injection.run_trials(3, str(tmp_path), digits_config.data_dir,
+  summary = fault_injection.run_trials(2, str(tmp_path), digits_config.data_dir,
                                        seed=int(fresh_rng().integers(1 << 30)), max_kills=1,
                                        log=lines.append)
   report = '\n'.join(lines)
-  assert summary['kills'] == 3 and summary['restores'] == 3, report
+  assert summary['kills'] == 2 and summary['restores'] == 2, report
   assert summary['kills_during_checkpoint_write'] >= 1, report
   assert summary['data_lost'] == 0 and summary['final_params_differ'] == 0, report
   assert not any(fault_injection.TMP_MARK in name

@@ -2,7 +2,7 @@
 
 Config fields are overridden on the command line, e.g. `--config.batch_size=64`. JAX,
 TensorFlow and the training code are imported once the flags are read, so a mistyped flag is
-reported in a second rather than after ten of imports.
+reported within a second rather than after some ten seconds of imports.
 """
 
 import difflib
