@@ -55,7 +55,10 @@ def test_eight_device_step_equals_single_device_sgd_on_the_whole_batch():
   assert jax.local_device_count() == NUM_DEVICES
   # Weight decay 100x the paper's, so its share of the update is well above float32 rounding.
   config = small_config(dropout_rate=0.0, color_shift_std=0.0, weight_decay=5e-2)
-  rng = fresh_rng()
+  # A fixed draw: between float32 and float64 a near-tie of a max-pool or a pre-activation at
+  # zero can go either way, and then a whole term of conv1_1's kernel gradient moves (a random
+  # draw once put conv1_1's update 7.6e-4 off in CI). That is not what this test is about.
+  rng = np.random.default_rng(20261201)
   state = steps.create_train_state(config, jax.random.key(rng.integers(1 << 30)), 32)
   model = models.create_model(config)
   batches = [random_batch(rng, 32) for _ in range(2)]
