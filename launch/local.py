@@ -39,8 +39,9 @@ flags.DEFINE_bool('all_output', False, 'Print every process\'s output and gloo\'
 
 DEVICE_COUNT_FLAG = '--xla_force_host_platform_device_count'
 STOP_GRACE_S = 10.0  # SIGTERM, then SIGKILL after this long.
-# One line per pair of processes when gloo connects them.
-GLOO_NOTICE = re.compile(r'^\[Gloo\] Rank \d+ is connected to')
+# gloo's connection notice, whole or in the fragments two of its threads leave when they write
+# at once ('[Gloo] Rank [Gloo] Rank 0 is connected to ...' then '0 is connected to ...').
+GLOO_NOTICE = re.compile(r'\[Gloo\] Rank|^\d+ is connected to \d+ peer ranks')
 # Lines kept of a process whose output is not shown, printed if it fails.
 FAILURE_TAIL = 40
 
@@ -79,7 +80,7 @@ def _stream(process: subprocess.Popen, prefix: str, out: TextIO, lock: threading
   """Copies the process's lines to `out` when `show`, else keeps the last ones in `tail`;
   gloo's connection notices only with `all_output`."""
   for line in process.stdout:
-    if not all_output and GLOO_NOTICE.match(line):
+    if not all_output and GLOO_NOTICE.search(line):
       continue
     line = prefix + line if line.endswith('\n') else prefix + line + '\n'
     if not show:
