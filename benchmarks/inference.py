@@ -68,14 +68,7 @@ def prepare_jax(variant: str, width: float, size: int, batch: int, num_classes: 
 
 def prepare_torch(variant: str, size: int, batch: int, compiled: bool):
   import torch  # pylint: disable=g-import-not-at-top
-  import torchvision  # pylint: disable=g-import-not-at-top
-  torch.manual_seed(0)
-  model = getattr(torchvision.models, timing.TORCHVISION[variant])()
-  grid = size // models.DOWNSAMPLING
-  model.avgpool = torch.nn.Identity()
-  if grid != 7:
-    model.classifier[0] = torch.nn.Linear(512 * grid * grid, models.FC_WIDTH)
-  model = model.to(memory_format=torch.channels_last).eval()
+  model = timing.torchvision_twin(variant, size).eval()
   forward = torch.compile(model) if compiled else model
   x = torch.from_numpy(np.random.default_rng(0).normal(0, 50, (batch, size, size, 3))
                        .astype(np.float32)).permute(0, 3, 1, 2)

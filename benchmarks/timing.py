@@ -33,6 +33,22 @@ def in_turns(candidates: dict, num_steps: int, warmup: int, block: int) -> dict:
   return out
 
 
+def torchvision_twin(variant: str, image_size: int, num_classes: int = 1000):
+  """torchvision's net of `variant` with vgg_jax's head: no adaptive average pool, so fc6 takes
+  the (image_size / 32)^2 x 512 map as it is (Sec. 3.2's fc6 at 224: 7 x 7 x 512),
+  channels_last. Seeded, so both frameworks' runs start from fixed weights."""
+  import torch  # pylint: disable=g-import-not-at-top
+  import torchvision  # pylint: disable=g-import-not-at-top
+  from vgg_jax import models  # pylint: disable=g-import-not-at-top
+  torch.manual_seed(0)
+  model = getattr(torchvision.models, TORCHVISION[variant])(num_classes=num_classes)
+  grid = image_size // models.DOWNSAMPLING
+  model.avgpool = torch.nn.Identity()
+  if grid != 7:
+    model.classifier[0] = torch.nn.Linear(512 * grid * grid, models.FC_WIDTH)
+  return model.to(memory_format=torch.channels_last)
+
+
 def torch_versions() -> dict:
   try:
     import torch  # pylint: disable=g-import-not-at-top

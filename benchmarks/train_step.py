@@ -37,7 +37,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from benchmarks.timing import TORCHVISION, in_turns, torch_versions
+from benchmarks.timing import TORCHVISION, in_turns, torch_versions, torchvision_twin
 from vgg_jax import models
 from vgg_jax import ops
 from vgg_jax import preprocess
@@ -267,15 +267,8 @@ def prepare_torch(variant: str, dtype: str, s: dict, compiled: bool):
   """torchvision's twin of `variant` doing the same train step on the same batch:
   (step function, what is known of it before running)."""
   import torch  # pylint: disable=g-import-not-at-top
-  import torchvision  # pylint: disable=g-import-not-at-top
-  torch.manual_seed(0)
   device = torch.device('cuda' if torch.cuda.is_available() else 'cpu')
-  model = getattr(torchvision.models, TORCHVISION[variant])(num_classes=s['num_classes'])
-  grid = s['image_size'] // models.DOWNSAMPLING
-  model.avgpool = torch.nn.Identity()
-  if grid != 7:
-    model.classifier[0] = torch.nn.Linear(512 * grid * grid, models.FC_WIDTH)
-  model = model.to(device, memory_format=torch.channels_last).train()
+  model = torchvision_twin(variant, s['image_size'], s['num_classes']).to(device).train()
   weights = [p for n, p in model.named_parameters() if not n.endswith('bias')]
   biases = [p for n, p in model.named_parameters() if n.endswith('bias')]
   optimizer = torch.optim.SGD([{'params': weights, 'weight_decay': 5e-4},
