@@ -477,4 +477,5 @@ if __name__ == '__main__':
   # Here, not at import: launch.sweep, which tests import beside this, defines --root too.
   flags.DEFINE_string('root', None, 'Parent of the runs\' workdirs; the report goes there.')
   flags.DEFINE_bool('quick', False, 'The quick grid, a few steps per run: checks the pipeline.')
-  app.run(main)
+  from vgg_jax import cli  # pylint: disable=g-import-not-at-top
+  cli.run(main)

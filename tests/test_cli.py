@@ -1,6 +1,9 @@
-"""The command lines' shared set-up: which library lines a run shows."""
+"""The command lines' shared set-up: which library lines a run shows, and how they exit."""
 
 import logging as std_logging
+import os
+import subprocess
+import sys
 
 from absl import logging
 import pytest
@@ -43,3 +46,41 @@ def test_verbosity_1_shows_every_line(verbosity):
   for path, level, message in [(ORBAX, std_logging.INFO, 'Saving item'),
                                (TFDS, std_logging.WARNING, 'Using custom data configuration: x')]:
     assert cli._quiet_libraries(record(path, level, message))  # pylint: disable=protected-access
+
+
+# A command line whose work ends in a thread still writing and an exit handler still to run,
+# as a run's last checkpoint write and JAX's clean-up do.
+EXITING = """
+import atexit, sys, threading, time
+from vgg_jax import cli
+OUT = sys.argv[1]
+
+def write(name, delay):
+  time.sleep(delay)
+  with open(OUT + name, 'w') as f:
+    f.write('done')
+
+def main(argv):
+  atexit.register(write, '.atexit', 0.0)
+  threading.Thread(target=write, args=('.thread', 1.0)).start()
+  if argv[2] == 'fail':
+    sys.exit('tool: no such workdir')
+  print('printed', end='')
+
+cli.run(main)
+"""
+
+
+@pytest.mark.parametrize('outcome', ['ok', 'fail'])
+def test_quick_exit_waits_for_threads_runs_exit_handlers_and_keeps_the_exit_code(
+    tmp_path, outcome):
+  out = str(tmp_path / 'out')
+  result = subprocess.run([sys.executable, '-c', EXITING, out, outcome], capture_output=True,
+                          text=True, timeout=60, check=False,
+                          cwd=os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+  assert open(out + '.thread').read() == 'done'
+  assert open(out + '.atexit').read() == 'done'
+  if outcome == 'ok':
+    assert (result.returncode, result.stdout) == (0, 'printed')
+  else:
+    assert result.returncode == 1 and result.stderr.strip() == 'tool: no such workdir'

@@ -444,4 +444,5 @@ def main(argv):
 if __name__ == '__main__':
   define_flags()
   flags.mark_flags_as_required(['source', 'input', 'output'])
-  app.run(main)
+  from vgg_jax import cli  # pylint: disable=g-import-not-at-top
+  cli.run(main)

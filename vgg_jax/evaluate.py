@@ -145,4 +145,4 @@ if __name__ == '__main__':
   define_flags()
   # Here, not at import: importing this module must not make its flags required elsewhere.
   flags.mark_flags_as_required(['workdir'])
-  app.run(main)
+  cli.run(main)

@@ -186,4 +186,4 @@ def main(argv):
 if __name__ == '__main__':
   define_flags()
   flags.mark_flags_as_required(['workdir', 'dataset'])
-  app.run(main)
+  cli.run(main)

@@ -127,4 +127,4 @@ def main(argv):
 if __name__ == '__main__':
   # Here, not at import: importing this module must not make its flags required elsewhere.
   flags.mark_flags_as_required(['config', 'workdir'])
-  app.run(main, flags_parser=parse_flags)
+  cli.run(main, flags_parser=parse_flags)
