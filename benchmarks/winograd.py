@@ -126,13 +126,17 @@ def layer_shapes(variant: str, size: int, width: float) -> list[tuple[str, int, 
   return shapes
 
 
+def settings() -> tuple[str, int, int, float, int]:
+  """(variant, image size, batch, width, timed steps) from the flags; --smoke's tiny net."""
+  if FLAGS.smoke:
+    return 'A', 32, 2, 0.125, 1
+  return FLAGS.variant, FLAGS.image_size, FLAGS.batch, 1.0, FLAGS.steps
+
+
 def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f'Unexpected arguments: {argv[1:]}')
-  variant, size, batch, width, num_steps = (FLAGS.variant, FLAGS.image_size, FLAGS.batch, 1.0,
-                                            FLAGS.steps)
-  if FLAGS.smoke:
-    variant, size, batch, width, num_steps = 'A', 32, 2, 0.125, 1
+  variant, size, batch, width, num_steps = settings()
   rng = np.random.default_rng(0)
   results = []
   for name, side, cin, cout in layer_shapes(variant, size, width):

@@ -29,12 +29,13 @@ from absl import app
 from absl import flags
 import jax
 import jax.numpy as jnp
-from jax import lax
 import numpy as np
 
 from benchmarks import timing
+from benchmarks import winograd
 from benchmarks.winograd import layer_shapes
 from vgg_jax import models
+from vgg_jax import ops
 
 SOURCE = os.path.join(os.path.dirname(os.path.abspath(__file__)), 'winograd_ffi.cc')
 TARGETS = {'wino_input': 'WinoInput', 'wino_output': 'WinoOutput',
@@ -146,13 +147,8 @@ def conv_bias_relu(x, kernel, bias):
   return output_transform(m, (n, h, w, kernel.shape[-1]), bias, relu=True)
 
 
-def xla_conv(x, kernel):
-  return lax.conv_general_dilated(x, kernel, (1, 1), 'SAME',
-                                  dimension_numbers=('NHWC', 'HWIO', 'NHWC'))
-
-
 def xla_conv_bias_relu(x, kernel, bias):
-  return jax.nn.relu(xla_conv(x, kernel) + bias)
+  return jax.nn.relu(ops.conv(x, kernel) + bias)
 
 
 def init(rng, shapes, image_size, width, num_classes):
@@ -197,7 +193,7 @@ def check(shapes, rng) -> dict:
     kernel = jnp.asarray(rng.normal(0, (9 * c) ** -0.5, (3, 3, c, k)), jnp.float32)
     dy = jnp.asarray(rng.normal(0, 1, (2, side, side, k)), jnp.float32)
     outs = []
-    for f in (conv, xla_conv):
+    for f in (conv, ops.conv):
       y, vjp = jax.jit(lambda x, w, f=f: jax.vjp(f, x, w))(x, kernel)
       outs.append((y, *vjp(dy)))
     errors[name] = {part: float(jnp.abs(a - b).max() / jnp.abs(b).max())
@@ -208,10 +204,7 @@ def check(shapes, rng) -> dict:
 def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f'Unexpected arguments: {argv[1:]}')
-  variant, size, batch, width, steps = (FLAGS.variant, FLAGS.image_size, FLAGS.batch, 1.0,
-                                        FLAGS.steps)
-  if FLAGS.smoke:
-    variant, size, batch, width, steps = 'A', 32, 2, 0.125, 1
+  variant, size, batch, width, steps = winograd.settings()
   load()
   shapes = layer_shapes(variant, size, width)
   rng = np.random.default_rng(0)
