@@ -2,7 +2,8 @@
 
 vgg_jax's side is what a notebook calls: `vgg_jax.features` (the standard forward, fc8 scores
 and fc7 features of a batch of preprocessed images) and `vgg_jax.predict`'s dense scoring
-(`evaluation.dense_posteriors`, one image at a time, as `predict` runs it). PyTorch's side is
+(`evaluation.dense_posteriors`, one image at a time, as `predict` runs it), with each
+config.conv_algorithm of --conv_algorithms (the first is compared with torch). PyTorch's side is
 torchvision's twin net in eval mode under `torch.no_grad()`, channels_last, eager and with
 torch.compile (every mode tried is reported; the ratio is taken against the fastest). Both see
 the same float32 batch; the frameworks take turns of --block calls (`timing.in_turns`).
@@ -41,12 +42,16 @@ flags.DEFINE_integer('steps', 10, 'Timed calls per candidate; the median is repo
 flags.DEFINE_integer('warmup', 2, 'Untimed calls after compilation.')
 flags.DEFINE_integer('block', 2, 'Timed calls per turn.')
 flags.DEFINE_enum('torch_compile', 'on', ['on', 'off'], 'Also time torch.compile.')
+flags.DEFINE_list('conv_algorithms', ['auto', 'xla'], "vgg_jax's config.conv_algorithm "
+                  'settings to time; the first is the one compared with torch.')
 flags.DEFINE_string('json', None, 'Also write the results as JSON to this path.')
 flags.DEFINE_bool('smoke', False, 'CI settings: net A at 1/8 width, 32x32, batch 1, vgg_jax only.')
 
 
-def prepare_jax(variant: str, width: float, size: int, batch: int, num_classes: int) -> dict:
-  model = models.VGG(variant=variant, width=width, num_classes=num_classes)
+def prepare_jax(variant: str, width: float, size: int, batch: int, num_classes: int,
+                conv_algorithm: str = 'auto', suffix: str = '') -> dict:
+  model = models.VGG(variant=variant, width=width, num_classes=num_classes,
+                     conv_algorithm=conv_algorithm)
   x = jnp.asarray(np.random.default_rng(0).normal(0, 50, (batch, size, size, 3)), jnp.float32)
   variables = {'params': steps.init_params(model, jax.random.key(0), x[:1])}
   images = np.random.default_rng(1).integers(0, 256, (1, size, size, 3), np.uint8)
@@ -62,8 +67,8 @@ def prepare_jax(variant: str, width: float, size: int, batch: int, num_classes: 
     jax.block_until_ready(dense(variables['params'], jnp.asarray(images), sizes, model=model,
                                 normalization=normalization, flip=False))
 
-  return {'vgg_jax features': (features, batch)} | (
-      {'vgg_jax predict (dense)': (predict_one, 1)} if batch == 1 else {})
+  return {f'vgg_jax features{suffix}': (features, batch)} | (
+      {f'vgg_jax predict (dense){suffix}': (predict_one, 1)} if batch == 1 else {})
 
 
 def prepare_torch(variant: str, size: int, batch: int, compiled: bool):
@@ -95,7 +100,10 @@ def main(argv):
     print('vgg_jax side only (torch not installed, or --smoke).')
   rows = []
   for batch in batches:
-    candidates = prepare_jax(variant, width, size, batch, num_classes)
+    candidates = {}
+    for i, algorithm in enumerate(FLAGS.conv_algorithms):
+      candidates |= prepare_jax(variant, width, size, batch, num_classes, algorithm,
+                                '' if i == 0 else f' [{algorithm}]')
     errors = {}
     if run_torch:
       for compiled in ([False, True] if FLAGS.torch_compile == 'on' else [False]):

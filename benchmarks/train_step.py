@@ -43,6 +43,7 @@ from vgg_jax import ops
 from vgg_jax import preprocess
 from vgg_jax import steps
 from vgg_jax import summary
+from vgg_jax import winograd
 
 FLAGS = flags.FLAGS
 flags.DEFINE_list('variants', ['A'], 'Configurations of Table 1.')
@@ -62,6 +63,9 @@ flags.DEFINE_bool('ablations', False, 'Also measure, on the vgg_jax side and the
                   'and dtype, what each train-loop choice buys: buffer donation, metrics '
                   'pulled every N steps, uint8 transfer, prefetch to device, the kernel '
                   'gradient as matmuls.')
+flags.DEFINE_list('conv_algorithms', ['auto'], "vgg_jax's config.conv_algorithm settings to "
+                  'time (the first with every --weight_grads, the rest with the first of those); '
+                  'the first is the one compared with torch.')
 flags.DEFINE_list('weight_grads', ['auto'], "vgg_jax's config.weight_grad settings to time, in "
                   "the same turns: auto, conv, matmul. The first is the one compared to torch.")
 flags.DEFINE_integer('pull_every', 10, 'Ablations: steps between metric pulls (log_every_steps).')
@@ -103,6 +107,10 @@ def settings() -> dict:
   if bad_grads:
     raise app.UsageError(f'--weight_grads: unknown {bad_grads}; expected some of '
                          f'{ops.WEIGHT_GRADS}.')
+  bad_algorithms = [a for a in FLAGS.conv_algorithms if a not in winograd.CONV_ALGORITHMS]
+  if bad_algorithms:
+    raise app.UsageError(f'--conv_algorithms: unknown {bad_algorithms}; expected some of '
+                         f'{winograd.CONV_ALGORITHMS}.')
   bad = [d for d in s['dtypes'] if d not in ('float32', 'bfloat16')]
   if bad:
     raise app.UsageError(f'--dtypes: unknown {bad}; expected float32 and/or bfloat16.')
@@ -135,10 +143,12 @@ def jax_config(variant: str, dtype: str, s: dict) -> Config:
                 grad_accum_steps=1)
 
 
-def prepare_jax(variant: str, dtype: str, s: dict, weight_grad: str = 'auto'):
+def prepare_jax(variant: str, dtype: str, s: dict, weight_grad: str = 'auto',
+                conv_algorithm: str = 'auto'):
   """vgg_jax's pmapped train step over the local devices, `batch` images on each:
   (step function, what is known of it before running)."""
-  config = Config(jax_config(variant, dtype, s), weight_grad=weight_grad)
+  config = Config(jax_config(variant, dtype, s), weight_grad=weight_grad,
+                  conv_algorithm=conv_algorithm)
   devices = jax.local_device_count()
   state = steps.create_train_state(config, jax.random.key(0), s['image_size'])
   images, labels = synthetic_batch(devices * s['batch'], s['image_size'], s['num_classes'])
@@ -333,9 +343,12 @@ def main(argv):
       row = {'variant': variant, 'dtype': dtype, 'train_flops_per_image': flops}
       candidates, infos, peaks = {}, {}, {}
       if 'jax' in s['frameworks']:
-        for i, weight_grad in enumerate(FLAGS.weight_grads):
-          name = 'jax' if i == 0 else f'jax {weight_grad}'
-          candidates[name], infos[name] = prepare_jax(variant, dtype, s, weight_grad)
+        settings_ = [(w, FLAGS.conv_algorithms[0]) for w in FLAGS.weight_grads]
+        settings_ += [(FLAGS.weight_grads[0], a) for a in FLAGS.conv_algorithms[1:]]
+        for i, (weight_grad, algorithm) in enumerate(settings_):
+          name = ('jax' if i == 0 else f'jax weight_grad={weight_grad}'
+                  if i < len(FLAGS.weight_grads) else f'jax conv_algorithm={algorithm}')
+          candidates[name], infos[name] = prepare_jax(variant, dtype, s, weight_grad, algorithm)
           peaks[name] = jax_device_peak
       if run_torch_side and variant in TORCHVISION:
         row['torch'] = {}
@@ -361,7 +374,7 @@ def main(argv):
           if name == 'jax':
             row['jax'] = r
           else:
-            row.setdefault('jax_weight_grads', {})[name.split()[1]] = r
+            row.setdefault('jax_settings', {})[name.split()[1]] = r
         else:
           row['torch'][name.split()[1]] = r
       ok = {k: v for k, v in row.get('torch', {}).items() if 'images_per_s' in v}
@@ -396,9 +409,9 @@ def main(argv):
           f'{j.get("tflops_per_s", float("nan")):>9.3f}{mfu:>7}{mem:>9}'
           f'{t.get("images_per_s", float("nan")):>13.1f}{row.get("torch_best", "-"):>12}'
           f'{row.get("jax_over_torch", float("nan")):>10.2f}')
-    for weight_grad, r in row.get('jax_weight_grads', {}).items():
-      print(f"  vgg_jax with weight_grad='{weight_grad}': {r['images_per_s']:.1f} img/s; "
-            f"weight_grad='{FLAGS.weight_grads[0]}' is "
+    for setting, r in row.get('jax_settings', {}).items():
+      print(f"  vgg_jax with {setting}: {r['images_per_s']:.1f} img/s; weight_grad="
+            f"{FLAGS.weight_grads[0]}, conv_algorithm={FLAGS.conv_algorithms[0]} is "
             f"{j['images_per_s'] / r['images_per_s']:.2f}x that")
     for name, r in row.get('torch', {}).items():
       if 'error' in r:

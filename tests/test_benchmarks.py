@@ -2,11 +2,12 @@
 
 import json
 import os
-import shutil
 import subprocess
 import sys
 
 import pytest
+
+from vgg_jax import winograd
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -111,14 +112,16 @@ def test_winograd_smoke_run_checks_both_tile_sizes_against_xla_on_every_layer(tm
   assert 'err F(4x4)' in stdout
 
 
-@pytest.mark.skipif(shutil.which('g++') is None, reason='compiling winograd_ffi.cc needs g++')
-def test_winograd_ffi_smoke_run_matches_xla_forward_and_both_gradients_on_every_layer(tmp_path):
-  report, stdout = run_benchmark('winograd_ffi', tmp_path)
-  assert list(report['errors']) == [
+@pytest.mark.skipif(not winograd.available(), reason='no C++ compiler for the Winograd kernels')
+def test_conv_algorithms_smoke_run_checks_winograd_against_xla_on_every_layer(tmp_path):
+  report, stdout = run_benchmark('conv_algorithms', tmp_path)
+  assert [r['layer'] for r in report['rows']] == [
       'conv1_1', 'conv2_1', 'conv3_1', 'conv3_2', 'conv4_1', 'conv4_2', 'conv5_1', 'conv5_2']
-  for layer, errors in report['errors'].items():
-    # F(4x4, 3x3) in float32 (BENCHMARKS.md: 2e-6 to 2.3e-5 at full width).
-    assert set(errors) == {'y', 'dx', 'dw'} and max(errors.values()) < 1e-4, (layer, errors)
-  assert len(report['timings']) == 5
-  assert all(r['median_step_s'] > 0 for r in report['timings'].values())
-  assert 'net, Winograd (one jit)' in stdout
+  for r in report['rows']:
+    assert set(r['error']) == {'y', 'dx', 'dkernel'}
+    assert max(r['error'].values()) < winograd.TOLERANCE, r
+    assert len(r['ms']) == 4 and min(r['ms'].values()) > 0
+  # 1/8 width, batch 2: conv1_1 and conv2_1 have 3 and 8 input channels, and from conv3_1
+  # on (8 x 8: 2 x 2 tiles an image) there are fewer than 32 tiles.
+  assert {r['auto'] for r in report['rows']} == {'xla'}
+  assert 'auto train' in stdout

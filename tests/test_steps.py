@@ -14,6 +14,7 @@ from vgg_jax import config_validation
 from vgg_jax import errors
 from vgg_jax import models
 from vgg_jax import steps
+from vgg_jax import winograd
 
 NUM_DEVICES = 8
 MEAN_RGB = (123.68, 116.779, 103.939)
@@ -46,21 +47,27 @@ def relative_error(a, b) -> float:
   return float(np.max(np.abs(a - b)) / max(np.max(np.abs(b)), 1e-30))
 
 
-def test_eight_device_step_equals_single_device_sgd_on_the_whole_batch():
+@pytest.mark.parametrize('conv_algorithm', ['xla', 'winograd'])
+def test_eight_device_step_equals_single_device_sgd_on_the_whole_batch(conv_algorithm):
   """Sec. 3.3: gradients averaged over devices make the step exactly single-GPU training.
 
   The reference is written out by hand: full-batch cross-entropy, L2 decay on weights only,
-  heavy-ball momentum v = m v + g, w -= lr v; two steps so the momentum buffer matters.
+  heavy-ball momentum v = m v + g, w -= lr v; two steps so the momentum buffer matters. The
+  reference computes in float64, so XLA's convolutions; the step, in float32, also with
+  Winograd's (every 3x3 layer, in each device's part of the batch).
   """
   assert jax.local_device_count() == NUM_DEVICES
+  if conv_algorithm == 'winograd' and not winograd.available():
+    pytest.skip(f'no Winograd kernels: {winograd.unavailable_reason()}')
   # Weight decay 100x the paper's, so its share of the update is well above float32 rounding.
-  config = small_config(dropout_rate=0.0, color_shift_std=0.0, weight_decay=5e-2)
+  config = small_config(dropout_rate=0.0, color_shift_std=0.0, weight_decay=5e-2,
+                        conv_algorithm=conv_algorithm)
   # A fixed draw: between float32 and float64 a near-tie of a max-pool or a pre-activation at
   # zero can go either way, and then a whole term of conv1_1's kernel gradient moves (a random
   # draw once put conv1_1's update 7.6e-4 off in CI). That is not what this test is about.
   rng = np.random.default_rng(20261201)
   state = steps.create_train_state(config, jax.random.key(rng.integers(1 << 30)), 32)
-  model = models.create_model(config)
+  model = models.create_model(config).clone(conv_algorithm='xla')
   batches = [random_batch(rng, 32) for _ in range(2)]
 
   p_train_step = steps.pmap_train_step(config, donate=False)

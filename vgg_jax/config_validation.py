@@ -7,6 +7,7 @@ from vgg_jax import ops
 from vgg_jax import preprocess
 from vgg_jax import protocol
 from vgg_jax import steps
+from vgg_jax import winograd
 
 
 def _fail(field: str, value, why: str):
@@ -21,6 +22,14 @@ def validate(config, num_devices: int) -> None:
     _fail('init', config.init, f'expected one of {", ".join(models.INITS)}.')
   if config.dtype not in models.DTYPES:
     _fail('dtype', config.dtype, f'expected one of {", ".join(models.DTYPES)}.')
+  algorithm = config.get('conv_algorithm', 'auto')
+  if algorithm not in winograd.CONV_ALGORITHMS:
+    _fail('conv_algorithm', algorithm, f'expected one of {", ".join(winograd.CONV_ALGORITHMS)}.')
+  if algorithm == 'winograd':
+    try:
+      winograd.uses_winograd(algorithm, (1, 32, 32, 16), 3, models.DTYPES[config.dtype])
+    except (ValueError, RuntimeError) as e:
+      raise errors.ConfigError(str(e).replace('conv_algorithm=', 'config.conv_algorithm=', 1))
   if config.get('weight_grad', 'auto') not in ops.WEIGHT_GRADS:
     _fail('weight_grad', config.weight_grad, f'expected one of {", ".join(ops.WEIGHT_GRADS)}.')
   if not config.width > 0:

@@ -15,6 +15,7 @@ import jax.numpy as jnp
 from jax import lax
 
 from vgg_jax import ops
+from vgg_jax import winograd
 
 Dtype = Any
 # config.dtype: what the net computes in; parameters stay float32.
@@ -106,15 +107,22 @@ def _keep_valid(x: jax.Array, sizes: Optional[jax.Array]) -> jax.Array:
 
 
 class Conv(nn.Module):
-  """A stride-1 'SAME' k x k convolution with bias, parameters named as nn.Conv names them
-  ('kernel' (k, k, C, F), 'bias'), with a choice of how its kernel gradient is computed
-  (`ops.uses_matmul_weight_grad`)."""
+  """A stride-1 'SAME' k x k convolution with bias, then ReLU if `relu`, parameters named as
+  nn.Conv names them ('kernel' (k, k, C, F), 'bias').
+
+  How it is computed is a choice that leaves the values and gradients as they are, up to
+  float32 rounding: `conv_algorithm` picks Winograd's F(4x4, 3x3) (`winograd.uses_winograd`)
+  or XLA's convolution, and for XLA's, `weight_grad` how its kernel gradient is computed
+  (`ops.uses_matmul_weight_grad`).
+  """
   features: int
   kernel_size: int
   dtype: Dtype = jnp.float32
   param_dtype: Dtype = jnp.float32
   kernel_init: Callable = nn.initializers.lecun_normal()
   bias_init: Callable = nn.initializers.zeros
+  relu: bool = False
+  conv_algorithm: str = 'auto'
   weight_grad: str = 'auto'
 
   @nn.compact
@@ -124,10 +132,13 @@ class Conv(nn.Module):
                         self.param_dtype)
     bias = self.param('bias', self.bias_init, (self.features,), self.param_dtype)
     x, kernel, bias = nn.dtypes.promote_dtype(x, kernel, bias, dtype=self.dtype)
+    if winograd.uses_winograd(self.conv_algorithm, x.shape, self.kernel_size, x.dtype):
+      return winograd.conv_bias_relu(x, kernel, bias, self.relu)
     flops = 2 * math.prod(x.shape[:-1]) * kernel.size
     conv = (ops.conv_matmul_weight_grad if ops.uses_matmul_weight_grad(self.weight_grad, flops)
             else ops.conv)
-    return conv(x, kernel) + bias
+    x = conv(x, kernel) + bias
+    return nn.relu(x) if self.relu else x
 
 
 def scaled(channels: int, width: float) -> int:
@@ -192,9 +203,12 @@ class VGG(nn.Module):
     init_std: the standard deviation of the 'paper' initialisation.
     init_std_as_full_size: scale each layer's 'paper' std by sqrt(its fan-in in the
       full-size net / its fan-in here) (`full_size_std`).
-    weight_grad: how convolution kernel gradients are computed: 'conv' (XLA's convolution),
-      'matmul' (`ops.conv_matmul_weight_grad`) or 'auto' (matmul for large layers on CPU only).
-      Same values.
+    conv_algorithm: how the 3x3 convolutions are computed: 'xla' (XLA's convolution),
+      'winograd' (`winograd.conv_bias_relu`, float32 on the CPU) or 'auto' (Winograd for
+      large enough layers on the CPU only). Same values, up to float32 rounding.
+    weight_grad: how XLA's convolutions' kernel gradients are computed: 'conv' (XLA's
+      convolution), 'matmul' (`ops.conv_matmul_weight_grad`) or 'auto' (matmul for large
+      layers on CPU only). Same values.
   """
   variant: str = 'D'
   num_classes: int = 1000
@@ -204,6 +218,7 @@ class VGG(nn.Module):
   init_scheme: str = 'paper'
   init_std: float = 0.01
   init_std_as_full_size: bool = False
+  conv_algorithm: str = 'auto'
   weight_grad: str = 'auto'
 
   def _init(self, fan_in: int, full_size_fan_in: int) -> dict:
@@ -250,9 +265,9 @@ class VGG(nn.Module):
         name = f'conv{block}_{index}'
         init = self._init(size * size * x.shape[-1], size * size * full_channels)
         full_channels = channels
-        x = Conv(scaled(channels, self.width), size, name=name, weight_grad=self.weight_grad,
-                 **init)(x)
-        x = _keep_valid(nn.relu(x), sizes)
+        x = Conv(scaled(channels, self.width), size, name=name, relu=True,
+                 conv_algorithm=self.conv_algorithm, weight_grad=self.weight_grad, **init)(x)
+        x = _keep_valid(x, sizes)
       x = ops.max_pool_2x2(x)
       if sizes is not None:
         sizes = sizes // 2
@@ -286,4 +301,5 @@ def create_model(config) -> VGG:
              dropout_rate=config.dropout_rate, dtype=DTYPES[config.dtype], width=config.width,
              init_scheme=config.init, init_std=config.init_std,
              init_std_as_full_size=getattr(config, 'init_std_as_full_size', False),
+             conv_algorithm=getattr(config, 'conv_algorithm', 'auto'),
              weight_grad=getattr(config, 'weight_grad', 'auto'))

@@ -1,15 +1,18 @@
-// F(4x4, 3x3) Winograd transforms for 3x3 / stride 1 / SAME convolutions, NHWC, float32,
-// as XLA FFI custom calls (CPU); the batched matmul stays in XLA. Built and used by
-// benchmarks/winograd_ffi.py (an experiment for issue 17, not part of vgg_jax).
+// F(4x4, 3x3) Winograd transforms (Lavin & Gray, CVPR 2016) for VGG's 3x3, stride-1, SAME
+// convolutions: NHWC, float32, as XLA FFI custom calls on the CPU. The 36 matmuls between
+// the transforms stay XLA's. Compiled and registered by vgg_jax/winograd.py.
 //
-//   wino_input       x[N,H,W,C]   -> V[36,T,C]    V[i*6+j] = (B^T d B)[i][j]
-//   wino_output      M[36,T,K], bias[K] -> y[N,H,W,K]  y = A^T m A (+bias) (ReLU)  mode attr
-//   wino_output_t    dy[N,H,W,K]  -> dM[36,T,K]   dM = A dy A^T   (transpose of wino_output)
-//   wino_input_t     dV[36,T,C]   -> dx[N,H,W,C]  dx = sum over tiles B dV B^T (transpose)
+//   wino_input     x[N,H,W,C]          -> V[36,T,C]    V[i*6+j] = (B^T d B)[i][j]
+//   wino_output    M[36,T,K], bias[K]  -> y[N,H,W,K]   y = A^T m A (+ bias) (ReLU): mode 0/1/2
+//   wino_output_t  dy[N,H,W,K], y      -> dM[36,T,K]   A dy A^T, dy masked by y > 0 in mode 1
+//   wino_input_t   dV[36,T,C]          -> dx[N,H,W,C]  the transpose of wino_input
+//   wino_kernel    g[3,3,C,K]          -> U[36,C,K]    G g G^T
+//   wino_kernel_t  dU[36,C,K]          -> dg[3,3,C,K]  G^T dU G
 //
-// T = N * ceil(H/4) * ceil(W/4), tile (n, ty, tx) covers input rows 4ty-1 .. 4ty+4 (pad 1),
-// output rows 4ty .. 4ty+3.  Borders are handled inside the kernels (zero / crop).
-// Vectorised over the channel dim (8 floats, AVX2 via GCC vector extensions); IEEE math.
+// T = N * ceil(H/4) * ceil(W/4): tile (n, ty, tx) reads input rows 4ty-1 .. 4ty+4 (padding
+// 1) and writes output rows 4ty .. 4ty+3; borders are zeroed or cropped in the kernels. Each
+// tile is transformed in registers, vectorised over channels with GCC vector extensions
+// (8 floats: AVX2 where -march=native has it), work split over XLA's intra-op threads.
 
 #include <algorithm>
 #include <atomic>
@@ -18,7 +21,6 @@
 #include <cstring>
 #include <functional>
 #include <memory>
-#include <thread>
 
 #include "xla/ffi/api/ffi.h"
 
@@ -33,19 +35,15 @@ typedef float v8 __attribute__((vector_size(32)));
 template <class V> static inline V ld(const float* p) { V v; __builtin_memcpy(&v, p, sizeof(V)); return v; }
 template <class V> static inline void st(float* p, V v) { __builtin_memcpy(p, &v, sizeof(V)); }
 template <class V> static inline V zero() { return V{} ; }
-template <class V> static inline V bcast(float f) { return V{} + f; }
+// max(o, 0) that keeps a NaN, as XLA's ReLU does.
+template <class V> static inline V relu(V o) { return o < zero<V>() ? zero<V>() : o; }
 
-// Non-temporal (streaming) store switch for the big Winograd-domain tensors.
-static inline bool use_stream() {  // read per call, so a benchmark can toggle it
-  const char* e = std::getenv("WINO_STREAM");
-  return e && e[0] == '1';
-}
-template <class V> static inline void st_nt(float* p, V v) { st<V>(p, v); }
-template <> inline void st_nt<v8>(float* p, v8 v) {
-  if ((reinterpret_cast<uintptr_t>(p) & 31) == 0)
-    __builtin_ia32_movntps256(p, v);
-  else
-    st<v8>(p, v);
+static inline void spin_pause() {
+#if defined(__x86_64__) || defined(__i386__)
+  __builtin_ia32_pause();
+#elif defined(__aarch64__)
+  asm volatile("yield");
+#endif
 }
 
 // ---------------------------------------------------------------- transforms on 6 values
@@ -99,11 +97,6 @@ static inline void b6mid(const V v[6], V r[4]) {
 }
 
 // ---------------------------------------------------------------- thread splitting
-static int env_threads() {
-  const char* e = std::getenv("WINO_THREADS");
-  return e ? std::atoi(e) : 0;
-}
-
 struct ParState {
   std::atomic<int64_t> next{0};
   std::atomic<int64_t> done{0};
@@ -124,9 +117,7 @@ struct ParState {
 // items claimed dynamically, so a helper that never starts costs nothing (no deadlock).
 static void parallel_for(ffi::ThreadPool& pool, int64_t n, int64_t chunk,
                          std::function<void(int64_t, int64_t)> fn) {
-  int64_t threads = env_threads();
-  if (threads <= 0) threads = pool.num_threads();
-  if (threads <= 0) threads = 1;
+  const int64_t threads = std::max<int64_t>(1, pool.num_threads());
   int64_t helpers = std::min<int64_t>(threads - 1, (n + chunk - 1) / chunk - 1);
   if (helpers <= 0) {
     fn(0, n);
@@ -139,7 +130,7 @@ static void parallel_for(ffi::ThreadPool& pool, int64_t n, int64_t chunk,
   for (int64_t h = 0; h < helpers; ++h) pool.Schedule([s]() { s->work(); });
   s->work();
   while (s->done.load(std::memory_order_acquire) < n) {
-    __builtin_ia32_pause();
+    spin_pause();
   }
 }
 
@@ -150,7 +141,7 @@ struct Geo {
 
 template <class V, bool Border>
 static inline void input_tile(const float* x, float* v, const Geo& g, int64_t n, int64_t ty,
-                              int64_t tx, int64_t c, bool nt) {
+                              int64_t tx, int64_t c) {
   const int64_t y0 = 4 * ty - 1, x0 = 4 * tx - 1;
   const int64_t t = (n * g.TH + ty) * g.TW + tx;
   V tmp[6][6];
@@ -173,16 +164,12 @@ static inline void input_tile(const float* x, float* v, const Geo& g, int64_t n,
     V r[6];
     bt6(tmp[i], r);
     for (int j = 0; j < 6; ++j) {
-      if (nt)
-        st_nt<V>(out + (i * 6 + j) * pstride, r[j]);
-      else
-        st<V>(out + (i * 6 + j) * pstride, r[j]);
+      st<V>(out + (i * 6 + j) * pstride, r[j]);
     }
   }
 }
 
 static void input_rows(const float* x, float* v, const Geo& g, int64_t b, int64_t e) {
-  const bool nt = use_stream();
   for (int64_t row = b; row < e; ++row) {
     const int64_t n = row / g.TH, ty = row % g.TH;
     const bool brow = ty == 0 || 4 * ty + 4 >= g.H;
@@ -190,15 +177,14 @@ static void input_rows(const float* x, float* v, const Geo& g, int64_t b, int64_
       const bool border = brow || tx == 0 || 4 * tx + 4 >= g.W;
       int64_t c = 0;
       if (border) {
-        for (; c + 8 <= g.C; c += 8) input_tile<v8, true>(x, v, g, n, ty, tx, c, nt);
-        for (; c < g.C; ++c) input_tile<float, true>(x, v, g, n, ty, tx, c, false);
+        for (; c + 8 <= g.C; c += 8) input_tile<v8, true>(x, v, g, n, ty, tx, c);
+        for (; c < g.C; ++c) input_tile<float, true>(x, v, g, n, ty, tx, c);
       } else {
-        for (; c + 8 <= g.C; c += 8) input_tile<v8, false>(x, v, g, n, ty, tx, c, nt);
-        for (; c < g.C; ++c) input_tile<float, false>(x, v, g, n, ty, tx, c, false);
+        for (; c + 8 <= g.C; c += 8) input_tile<v8, false>(x, v, g, n, ty, tx, c);
+        for (; c < g.C; ++c) input_tile<float, false>(x, v, g, n, ty, tx, c);
       }
     }
   }
-  if (nt) __builtin_ia32_sfence();
 }
 
 static ffi::Error InputTransformImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::F32, 4> x,
@@ -247,12 +233,7 @@ static inline void output_tile(const float* m, const float* bias, float* y, cons
       if (Border && xx >= g.W) break;
       V o = r[s];
       if (mode) o = o + b;
-      if (mode == 2) {
-        if constexpr (std::is_same<V, float>::value)
-          o = o > 0.f ? o : 0.f;
-        else
-          o = __builtin_ia32_maxps256(o, zero<V>());
-      }
+      if (mode == 2) o = relu(o);
       st<V>(y + ((n * g.H + yy) * g.W + xx) * g.C + k, o);
     }
   }
@@ -309,7 +290,7 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(WinoOutput, OutputTransformImpl,
 // With mask (mode 1): dy is multiplied by (y > 0) first (ReLU backward fused).
 template <class V, bool Border, bool Mask>
 static inline void output_t_tile(const float* dy, const float* yv, float* dm, const Geo& g,
-                                 int64_t n, int64_t ty, int64_t tx, int64_t k, bool nt) {
+                                 int64_t n, int64_t ty, int64_t tx, int64_t k) {
   const int64_t t = (n * g.TH + ty) * g.TW + tx;
   V tmp[6][4];  // tmp[i][s] = (A dy)[i][s]
   for (int s = 0; s < 4; ++s) {
@@ -322,13 +303,7 @@ static inline void output_t_tile(const float* dy, const float* yv, float* dm, co
       } else {
         const int64_t off = ((n * g.H + yy) * g.W + xx) * g.C + k;
         V gv = ld<V>(dy + off);
-        if constexpr (Mask) {
-          V yvv = ld<V>(yv + off);
-          if constexpr (std::is_same<V, float>::value)
-            gv = yvv > 0.f ? gv : 0.f;
-          else
-            gv = __builtin_ia32_andps256(gv, __builtin_ia32_cmpps256(yvv, zero<V>(), 14));
-        }
+        if constexpr (Mask) gv = ld<V>(yv + off) > zero<V>() ? gv : zero<V>();
         col[q] = gv;
       }
     }
@@ -341,10 +316,7 @@ static inline void output_t_tile(const float* dy, const float* yv, float* dm, co
     V r[6];
     a4(tmp[i], r);
     for (int j = 0; j < 6; ++j) {
-      if (nt)
-        st_nt<V>(out + (i * 6 + j) * pstride, r[j]);
-      else
-        st<V>(out + (i * 6 + j) * pstride, r[j]);
+      st<V>(out + (i * 6 + j) * pstride, r[j]);
     }
   }
 }
@@ -352,7 +324,6 @@ static inline void output_t_tile(const float* dy, const float* yv, float* dm, co
 template <bool Mask>
 static void output_t_rows(const float* dy, const float* yv, float* dm, const Geo& g, int64_t b,
                           int64_t e) {
-  const bool nt = use_stream();
   for (int64_t row = b; row < e; ++row) {
     const int64_t n = row / g.TH, ty = row % g.TH;
     const bool brow = 4 * ty + 4 > g.H;
@@ -360,15 +331,14 @@ static void output_t_rows(const float* dy, const float* yv, float* dm, const Geo
       const bool border = brow || 4 * tx + 4 > g.W;
       int64_t k = 0;
       if (border) {
-        for (; k + 8 <= g.C; k += 8) output_t_tile<v8, true, Mask>(dy, yv, dm, g, n, ty, tx, k, nt);
-        for (; k < g.C; ++k) output_t_tile<float, true, Mask>(dy, yv, dm, g, n, ty, tx, k, false);
+        for (; k + 8 <= g.C; k += 8) output_t_tile<v8, true, Mask>(dy, yv, dm, g, n, ty, tx, k);
+        for (; k < g.C; ++k) output_t_tile<float, true, Mask>(dy, yv, dm, g, n, ty, tx, k);
       } else {
-        for (; k + 8 <= g.C; k += 8) output_t_tile<v8, false, Mask>(dy, yv, dm, g, n, ty, tx, k, nt);
-        for (; k < g.C; ++k) output_t_tile<float, false, Mask>(dy, yv, dm, g, n, ty, tx, k, false);
+        for (; k + 8 <= g.C; k += 8) output_t_tile<v8, false, Mask>(dy, yv, dm, g, n, ty, tx, k);
+        for (; k < g.C; ++k) output_t_tile<float, false, Mask>(dy, yv, dm, g, n, ty, tx, k);
       }
     }
   }
-  if (nt) __builtin_ia32_sfence();
 }
 
 static ffi::Error OutputTransformTImpl(ffi::ThreadPool pool, B4 dy,
@@ -546,7 +516,10 @@ static inline void kernel_t_elem(const float* u, float* g, int64_t ck, int64_t e
   }
 }
 
-static ffi::Error KernelTransformImpl(ffi::ThreadPool pool, B4 g, ffi::ResultBuffer<ffi::F32, 3> u) {
+// `after` is not read: it orders the transform after the layer's input exists, so that U is
+// made just before its matmul instead of every layer's U at once at the start.
+static ffi::Error KernelTransformImpl(ffi::ThreadPool pool, B4 g, ffi::AnyBuffer after,
+                                      ffi::ResultBuffer<ffi::F32, 3> u) {
   auto d = g.dimensions();
   if (d[0] != 3 || d[1] != 3) return ffi::Error::InvalidArgument("wino_kernel: not 3x3");
   const int64_t ck = d[2] * d[3];
@@ -562,7 +535,11 @@ static ffi::Error KernelTransformImpl(ffi::ThreadPool pool, B4 g, ffi::ResultBuf
   return ffi::Error::Success();
 }
 XLA_FFI_DEFINE_HANDLER_SYMBOL(WinoKernel, KernelTransformImpl,
-                              ffi::Ffi::Bind().Ctx<ffi::ThreadPool>().Arg<B4>().Ret<B3>());
+                              ffi::Ffi::Bind()
+                                  .Ctx<ffi::ThreadPool>()
+                                  .Arg<B4>()
+                                  .Arg<ffi::AnyBuffer>()
+                                  .Ret<B3>());
 
 static ffi::Error KernelTransformTImpl(ffi::ThreadPool pool, B3 u, ffi::ResultBuffer<ffi::F32, 4> g) {
   auto d = g->dimensions();
@@ -580,77 +557,3 @@ static ffi::Error KernelTransformTImpl(ffi::ThreadPool pool, B3 u, ffi::ResultBu
 }
 XLA_FFI_DEFINE_HANDLER_SYMBOL(WinoKernelT, KernelTransformTImpl,
                               ffi::Ffi::Bind().Ctx<ffi::ThreadPool>().Arg<B3>().Ret<B4>());
-
-// ---------------------------------------------------------------- chunked forward
-// For an XLA loop over chunks of R tile rows (global tile-row index n*TH + ty), so that the
-// Winograd-domain chunk V_c, M_c stays in cache and its buffer is reused (no page faults).
-//   wino_input_chunk   x[N,H,W,C], idx -> V_c[36, R*TW, C]   (tile rows idx*R .. idx*R+R-1)
-//   wino_output_chunk  M_c[36, R*TW, K], bias[K], idx, y_in (aliased) -> y[N,H,W,K]
-using S0 = ffi::Buffer<ffi::S32, 0>;
-
-static ffi::Error InputChunkImpl(ffi::ThreadPool pool, B4 x, S0 idx,
-                                 ffi::ResultBuffer<ffi::F32, 3> v) {
-  auto d = x.dimensions();
-  Geo g{d[0], d[1], d[2], d[3], (d[1] + 3) / 4, (d[2] + 3) / 4, 0};
-  auto vd = v->dimensions();
-  const int64_t tc = vd[1];
-  if (vd[0] != 36 || vd[2] != g.C || tc % g.TW)
-    return ffi::Error::InvalidArgument("wino_input_chunk: bad output shape");
-  const int64_t R = tc / g.TW;
-  const int64_t r0 = int64_t(idx.typed_data()[0]) * R;
-  const int64_t r1 = std::min(r0 + R, g.N * g.TH);
-  // Geometry seen by the tile kernels: T = chunk size, tile index offset by r0*TW.
-  Geo gc = g;
-  gc.T = tc;
-  const float* xp = x.typed_data();
-  float* vp = v->typed_data();
-  // input_tile computes t = (n*TH + ty)*TW + tx; shift the output base so t - r0*TW lands.
-  float* vbase = vp - r0 * g.TW * g.C;
-  if (r1 < r0 + R) {  // past the last tile row: zeros
-    for (int p = 0; p < 36; ++p)
-      std::memset(vp + (p * tc + std::max<int64_t>(0, r1 - r0) * g.TW) * g.C, 0,
-                  (r0 + R - std::max(r1, r0)) * g.TW * g.C * sizeof(float));
-  }
-  if (r1 > r0)
-    parallel_for(pool, r1 - r0, 1, [=](int64_t b, int64_t e) {
-      input_rows(xp, vbase, gc, r0 + b, r0 + e);
-    });
-  return ffi::Error::Success();
-}
-XLA_FFI_DEFINE_HANDLER_SYMBOL(WinoInputChunk, InputChunkImpl,
-                              ffi::Ffi::Bind().Ctx<ffi::ThreadPool>().Arg<B4>().Arg<S0>().Ret<B3>());
-
-static ffi::Error OutputChunkImpl(ffi::ThreadPool pool, B3 m, B1 bias, S0 idx, B4 yin,
-                                  ffi::ResultBuffer<ffi::F32, 4> y, int32_t mode) {
-  auto d = y->dimensions();
-  Geo g{d[0], d[1], d[2], d[3], (d[1] + 3) / 4, (d[2] + 3) / 4, 0};
-  auto md = m.dimensions();
-  const int64_t tc = md[1];
-  if (md[0] != 36 || md[2] != g.C || tc % g.TW)
-    return ffi::Error::InvalidArgument("wino_output_chunk: bad input shape");
-  const int64_t R = tc / g.TW;
-  const int64_t r0 = int64_t(idx.typed_data()[0]) * R;
-  const int64_t r1 = std::min(r0 + R, g.N * g.TH);
-  Geo gc = g;
-  gc.T = tc;
-  const float* mbase = m.typed_data() - r0 * g.TW * g.C;
-  const float* bp = bias.typed_data();
-  float* yp = y->typed_data();
-  if (yin.typed_data() != yp) {  // not aliased: copy the rest through (should not happen)
-    std::memcpy(yp, yin.typed_data(), g.N * g.H * g.W * g.C * sizeof(float));
-  }
-  if (r1 > r0)
-    parallel_for(pool, r1 - r0, 1, [=](int64_t b, int64_t e) {
-      output_rows(mbase, bp, yp, gc, r0 + b, r0 + e, mode);
-    });
-  return ffi::Error::Success();
-}
-XLA_FFI_DEFINE_HANDLER_SYMBOL(WinoOutputChunk, OutputChunkImpl,
-                              ffi::Ffi::Bind()
-                                  .Ctx<ffi::ThreadPool>()
-                                  .Arg<B3>()
-                                  .Arg<B1>()
-                                  .Arg<S0>()
-                                  .Arg<B4>()
-                                  .Ret<B4>()
-                                  .Attr<int32_t>("mode"));

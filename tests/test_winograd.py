@@ -1,0 +1,157 @@
+"""`vgg_jax.winograd` against XLA's own convolution, and how `models` chooses it.
+
+The reference is `lax.conv_general_dilated` with `jax.nn.relu`, differentiated by JAX: nothing
+of the Winograd transforms. F(4x4, 3x3) in float32 differs from it by rounding, measured at
+1e-6 to 2e-5 of the largest value, so `winograd.TOLERANCE` (1e-4) fails a wrong coefficient.
+"""
+
+import os
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from experiments import digits
+from vgg_jax import config_validation
+from vgg_jax import errors
+from vgg_jax import models
+from vgg_jax import ops
+from vgg_jax import winograd
+
+pytestmark = pytest.mark.skipif(not winograd.available(),
+                                reason=f'no Winograd kernels: {winograd.unavailable_reason()}')
+
+
+def fresh_rng() -> np.random.Generator:
+  return np.random.default_rng(int.from_bytes(os.urandom(4), 'little'))
+
+
+def relative_error(a, b) -> float:
+  a, b = np.asarray(a, np.float64), np.asarray(b, np.float64)
+  return float(np.max(np.abs(a - b)) / max(np.max(np.abs(b)), 1e-30))
+
+
+# (N, H, W, C, K): borders on every side of a tile (H, W not multiples of 4), a lone partial
+# tile (2 x 2, conv5 of the digits nets), channel counts off the 8-wide vectors, and one layer
+# of the paper's net (conv4_2 at 224 is 28 x 28 x 512; narrower here to stay fast).
+SHAPES = [(2, 13, 10, 5, 9), (3, 2, 2, 16, 8), (1, 7, 7, 19, 24), (2, 28, 28, 64, 128)]
+
+
+@pytest.mark.parametrize('relu', [True, False], ids=['relu', 'linear'])
+@pytest.mark.parametrize('shape', SHAPES, ids=lambda s: 'x'.join(map(str, s)))
+def test_winograd_value_and_gradients_equal_xla_convolution(shape, relu):
+  n, height, width, channels, features = shape
+  rng = fresh_rng()
+  x = jnp.asarray(rng.normal(size=(n, height, width, channels)), jnp.float32)
+  kernel = jnp.asarray(rng.normal(size=(3, 3, channels, features)) / np.sqrt(9 * channels),
+                       jnp.float32)
+  bias = jnp.asarray(rng.normal(0, 0.5, features), jnp.float32)
+  dy = jnp.asarray(rng.normal(size=(n, height, width, features)), jnp.float32)
+  activation = jax.nn.relu if relu else (lambda z: z)
+
+  def reference(x, kernel, bias):
+    return activation(ops.conv(x, kernel) + bias)
+
+  results = []
+  for f in (lambda x, k, b: winograd.conv_bias_relu(x, k, b, relu), reference):
+    y, vjp = jax.jit(lambda *args, f=f: jax.vjp(f, *args))(x, kernel, bias)
+    results.append((y, *vjp(dy)))
+  for part, got, expected in zip(('y', 'dx', 'dkernel', 'dbias'), *results):
+    assert got.shape == expected.shape, part
+    assert relative_error(got, expected) < winograd.TOLERANCE, part
+
+
+def test_relu_keeps_nan_as_xla_does():
+  x = jnp.full((1, 4, 4, 16), jnp.nan, jnp.float32)
+  y = winograd.conv_bias_relu(x, jnp.ones((3, 3, 16, 8)), jnp.zeros(8), True)
+  assert bool(jnp.isnan(y).all())
+
+
+def vgg_loss_and_grads(conv_algorithm, params, x, labels):
+  model = models.VGG(variant='B', width=1 / 8, num_classes=10, conv_algorithm=conv_algorithm)
+
+  def loss(p):
+    logits = model.apply({'params': p}, x)
+    return jnp.mean(-jax.nn.log_softmax(logits)[jnp.arange(len(labels)), labels]), logits
+
+  return jax.jit(jax.value_and_grad(loss, has_aux=True))(params)
+
+
+def test_vgg_on_winograd_gives_xla_logits_and_gradients_layer_by_layer():
+  # A fixed draw: two float32 computations can put a pre-activation at zero or a max-pool
+  # near-tie on either side, and then a whole gradient term moves (2 of 12 random draws moved
+  # fc7's bias gradient 8e-2 or conv1_1's kernel gradient 1e-2). Seed 0: all within 5e-6.
+  rng = np.random.default_rng(0)
+  model = models.VGG(variant='B', width=1 / 8, num_classes=10)
+  x = jnp.asarray(rng.normal(0, 50, (16, 32, 32, 3)), jnp.float32)
+  labels = jnp.asarray(rng.integers(0, 10, 16))
+  params = model.init(jax.random.key(int(rng.integers(1 << 30))), x[:1])['params']
+  (_, expected_logits), expected = vgg_loss_and_grads('xla', params, x, labels)
+  (_, logits), grads = vgg_loss_and_grads('winograd', params, x, labels)
+  assert relative_error(logits, expected_logits) < winograd.TOLERANCE
+  for layer in models.layer_names('B'):
+    for kind in ('kernel', 'bias'):
+      assert relative_error(grads[layer][kind], expected[layer][kind]) < winograd.TOLERANCE, (
+          layer, kind)
+
+
+def test_auto_takes_winograd_only_for_wide_enough_float32_3x3_layers_on_the_cpu():
+  def uses(x_shape, kernel_size=3, dtype=jnp.float32, backend='cpu'):
+    return winograd.uses_winograd('auto', x_shape, kernel_size, dtype, backend)
+
+  assert uses((8, 56, 56, 256))  # conv3_2 of the paper's net.
+  assert not uses((8, 224, 224, 3))  # conv1_1: a contraction over 3 channels.
+  assert not uses((1, 14, 14, 512))  # conv5 at batch 1: 16 tiles.
+  assert not uses((8, 28, 28, 512), kernel_size=1)  # C's 1x1 layers.
+  assert not uses((8, 56, 56, 256), dtype=jnp.bfloat16)
+  assert not uses((8, 56, 56, 256), backend='gpu')
+  assert not winograd.uses_winograd('xla', (8, 56, 56, 256), 3, jnp.float32, 'cpu')
+  assert winograd.uses_winograd('winograd', (1, 14, 14, 3), 3, jnp.float32, 'cpu')
+  with pytest.raises(ValueError, match="conv_algorithm='fast'.*auto, xla, winograd"):
+    winograd.uses_winograd('fast', (8, 56, 56, 256), 3, jnp.float32, 'cpu')
+
+
+@pytest.mark.parametrize('dtype, why', [('bfloat16', 'runs float32 on the CPU, not bfloat16')])
+def test_winograd_in_another_dtype_is_a_one_line_config_error(dtype, why):
+  config = digits.get_config()
+  config.conv_algorithm, config.dtype = 'winograd', dtype
+  with pytest.raises(errors.ConfigError, match=f'config.conv_algorithm=winograd {why}') as e:
+    config_validation.validate(config, num_devices=1)
+  assert '\n' not in str(e.value) and 'use conv_algorithm=auto or xla' in str(e.value)
+
+
+def test_unknown_conv_algorithm_is_a_config_error_naming_the_choices():
+  config = digits.get_config()
+  config.conv_algorithm = 'fft'
+  with pytest.raises(errors.ConfigError,
+                     match="config.conv_algorithm='fft': expected one of auto, xla, winograd"):
+    config_validation.validate(config, num_devices=1)
+
+
+def test_without_a_compiler_auto_warns_once_and_keeps_xla_and_winograd_says_why(
+    monkeypatch, caplog):
+  monkeypatch.setattr(winograd, 'compiler', lambda: None)
+  reason = winograd._load.__wrapped__()  # The loader itself, past its cache.
+  assert reason == 'no C++ compiler (g++, c++ or clang++, or $CXX) on the PATH'
+  monkeypatch.setattr(winograd, 'unavailable_reason', lambda: reason)
+  winograd._warn_unavailable.cache_clear()
+  with caplog.at_level('WARNING', logger='absl'):
+    for _ in range(3):
+      assert not winograd.uses_winograd('auto', (8, 56, 56, 256), 3, jnp.float32, 'cpu')
+  warnings = [r.getMessage() for r in caplog.records if r.levelname == 'WARNING']
+  assert warnings == [f"conv_algorithm=auto: XLA's convolutions, not Winograd's ({reason})."]
+  with pytest.raises(RuntimeError, match='conv_algorithm=winograd: no C\\+\\+ compiler'):
+    winograd.uses_winograd('winograd', (8, 56, 56, 256), 3, jnp.float32, 'cpu')
+  winograd._warn_unavailable.cache_clear()
+
+
+def test_a_source_that_does_not_compile_is_reported_in_one_line(monkeypatch, tmp_path):
+  broken = tmp_path / 'winograd.cc'
+  broken.write_text('this is not C++;\n')
+  monkeypatch.setattr(winograd, 'SOURCE', str(broken))
+  monkeypatch.setenv('XDG_CACHE_HOME', str(tmp_path / 'cache'))
+  reason = winograd._load.__wrapped__()
+  assert reason.startswith(f'{broken} was not built: ') and 'could not compile it' in reason
+  assert 'error' in reason and '\n' not in reason
+  assert not list((tmp_path / 'cache' / 'vgg_jax').glob('*.so'))
