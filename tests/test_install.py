@@ -139,6 +139,7 @@ import json, sys
 import jax.numpy as jnp
 import numpy as np
 import vgg_jax
+from vgg_jax import winograd
 output, images, logits = sys.argv[1:]
 model, variables, preprocess = vgg_jax.load(output)
 x = preprocess.normalization(jnp.asarray(np.load(images)))
@@ -149,7 +150,8 @@ print(json.dumps({
     "net": [model.variant, model.num_classes, model.width, preprocess.image_size],
     "params": {layer: {kind: list(np.shape(value)) for kind, value in weights.items()}
                for layer, weights in variables["params"].items()},
-    "class_names": [len(names), names[0], names[281]]}))
+    "class_names": [len(names), names[0], names[281]],
+    "winograd": [winograd.SOURCE, winograd.unavailable_reason()]}))
 '''
 
 
@@ -189,6 +191,11 @@ def test_keras_vgg16_converted_and_loaded_by_the_installed_package_gives_keras_l
   assert found['params'] == expected_params
   # The ImageNet class names are package data of the installed package.
   assert found['class_names'] == [1000, 'n01440764 tench', 'n02123045 tabby']
+  # So is the Winograd kernels' C++ source, which conv1_2 and conv2_x run here (>= 32 tiles).
+  source, unavailable = found['winograd']
+  assert source.startswith(installed.site_packages), source
+  if shutil.which('g++'):
+    assert unavailable is None
   actual = np.load(tmp_path / 'logits.npy').astype(np.float64)
   assert actual.shape == expected.shape == (2, 1000)
   assert np.max(np.abs(actual - expected)) <= 1e-5 * np.max(np.abs(expected))

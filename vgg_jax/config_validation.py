@@ -27,7 +27,8 @@ def validate(config, num_devices: int) -> None:
     _fail('conv_algorithm', algorithm, f'expected one of {", ".join(winograd.CONV_ALGORITHMS)}.')
   if algorithm == 'winograd':
     try:
-      winograd.uses_winograd(algorithm, (1, 32, 32, 16), 3, models.DTYPES[config.dtype])
+      winograd.uses_winograd(algorithm, (1, 32, 32, 16), (3, 3, 16, 16),
+                             models.DTYPES[config.dtype])
     except (ValueError, RuntimeError) as e:
       raise errors.ConfigError(str(e).replace('conv_algorithm=', 'config.conv_algorithm=', 1))
   if config.get('weight_grad', 'auto') not in ops.WEIGHT_GRADS:

@@ -132,7 +132,7 @@ class Conv(nn.Module):
                         self.param_dtype)
     bias = self.param('bias', self.bias_init, (self.features,), self.param_dtype)
     x, kernel, bias = nn.dtypes.promote_dtype(x, kernel, bias, dtype=self.dtype)
-    if winograd.uses_winograd(self.conv_algorithm, x.shape, self.kernel_size, x.dtype):
+    if winograd.uses_winograd(self.conv_algorithm, x.shape, kernel.shape, x.dtype):
       return winograd.conv_bias_relu(x, kernel, bias, self.relu)
     flops = 2 * math.prod(x.shape[:-1]) * kernel.size
     conv = (ops.conv_matmul_weight_grad if ops.uses_matmul_weight_grad(self.weight_grad, flops)

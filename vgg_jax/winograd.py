@@ -33,16 +33,20 @@ SOURCE = os.path.join(os.path.dirname(os.path.abspath(__file__)), 'winograd.cc')
 TARGETS = {'vgg_jax_wino_input': 'WinoInput', 'vgg_jax_wino_output': 'WinoOutput',
            'vgg_jax_wino_output_t': 'WinoOutputT', 'vgg_jax_wino_input_t': 'WinoInputT',
            'vgg_jax_wino_kernel': 'WinoKernel', 'vgg_jax_wino_kernel_t': 'WinoKernelT'}
-# Winograd's outputs and gradients differ from XLA's convolution by rounding alone: measured
-# 2e-6 to 2e-5 of the largest value on every layer of net D (tests/test_winograd.py).
+# Winograd's outputs and gradients differ from XLA's convolution by float32 rounding alone:
+# 2.4e-6 to 2.1e-5 of the largest value on every layer of net D at 224
+# (benchmarks/conv_algorithms.py); tests/test_winograd.py holds them to this bound.
 TOLERANCE = 1e-4
 
 # config.conv_algorithm: how a 3x3 convolution is computed.
 CONV_ALGORITHMS = ('auto', 'xla', 'winograd')
 # 'auto' takes Winograd on the CPU for float32 3x3 layers of at least this many input
-# channels and 4x4 output tiles. See `uses_winograd`.
+# channels and 4x4 output tiles, or of fewer tiles where the transformed kernel is small
+# (in x out channels at most SMALL_KERNEL_CHANNELS). See `uses_winograd`.
 WINOGRAD_MIN_CHANNELS = 16
-WINOGRAD_MIN_TILES = 32
+WINOGRAD_MIN_TILES = 100
+SMALL_KERNEL_CHANNELS = 64 * 64
+SMALL_KERNEL_MIN_TILES = 32
 
 _lock = threading.Lock()
 
@@ -99,8 +103,7 @@ def _build(cxx: str) -> str:
 
 @functools.cache
 def _load() -> Optional[str]:
-  """Compiles (or finds) and registers the kernels; None, with the reason logged once, if
-  that is impossible here."""
+  """Compiles (or finds in the cache) and registers the kernels: None if done, else why not."""
   cxx = compiler()
   if cxx is None:
     return 'no C++ compiler (g++, c++ or clang++, or $CXX) on the PATH'
@@ -130,23 +133,25 @@ def _warn_unavailable(reason: str) -> None:
   logging.warning('conv_algorithm=auto: XLA\'s convolutions, not Winograd\'s (%s).', reason)
 
 
-def uses_winograd(algorithm: str, x_shape, kernel_size: int, dtype,
+def uses_winograd(algorithm: str, x_shape, kernel_shape, dtype,
                   backend: Optional[str] = None) -> bool:
-  """Whether a convolution is computed by `conv_bias_relu` (config.conv_algorithm).
+  """Whether a convolution of input `x_shape` (N, H, W, C) and HWIO `kernel_shape` is computed
+  by `conv_bias_relu` (config.conv_algorithm).
 
   'xla': never. 'winograd': every float32 3x3 layer on the CPU, an error elsewhere. 'auto':
-  on the CPU, float32 3x3 layers of input `x_shape` (N, H, W, C) with at least
-  WINOGRAD_MIN_CHANNELS input channels and WINOGRAD_MIN_TILES tiles: a contraction over
-  conv1_1's 3 channels gains nothing, and with few tiles (conv5 at 224, batch 1: 16) the
-  kernel transform, 4x the kernel's size, costs more than the matmuls save
-  (benchmarks/conv_algorithms.py).
-  GPUs and TPUs keep XLA's convolutions, which cuDNN and the TPU compiler choose well.
+  on the CPU, float32 3x3 layers of at least WINOGRAD_MIN_CHANNELS input channels and
+  WINOGRAD_MIN_TILES 4x4 tiles (SMALL_KERNEL_MIN_TILES where C x K <= SMALL_KERNEL_CHANNELS).
+  Measured per layer (benchmarks/conv_algorithms.py, BENCHMARKS.md): a contraction over
+  conv1_1's 3 channels gains nothing, and with few tiles (conv4 and conv5 at 224, batch 1: 49
+  and 16) the kernel transform, 4x the kernel (38 MB at 512 x 512), costs more than the
+  matmuls save, unless the kernel is small enough to stay in cache. GPUs and TPUs keep XLA's
+  convolutions, which cuDNN and the TPU compiler choose well.
   """
   if algorithm not in CONV_ALGORITHMS:
     raise ValueError(f'conv_algorithm={algorithm!r}: expected one of '
                      f'{", ".join(CONV_ALGORITHMS)}.')
   backend = backend or jax.default_backend()
-  if algorithm == 'xla' or kernel_size != 3:
+  if algorithm == 'xla' or tuple(kernel_shape[:2]) != (3, 3):
     return False
   if algorithm == 'winograd':
     if backend != 'cpu' or jnp.dtype(dtype) != jnp.float32:
@@ -156,8 +161,12 @@ def uses_winograd(algorithm: str, x_shape, kernel_size: int, dtype,
     if reason:
       raise RuntimeError(f'conv_algorithm=winograd: {reason}. Use conv_algorithm=auto or xla.')
     return True
+  channels, features = kernel_shape[2:]
+  tiles = _tiles(*x_shape[:3])
+  enough_tiles = tiles >= WINOGRAD_MIN_TILES or (
+      channels * features <= SMALL_KERNEL_CHANNELS and tiles >= SMALL_KERNEL_MIN_TILES)
   if (backend != 'cpu' or jnp.dtype(dtype) != jnp.float32
-      or x_shape[-1] < WINOGRAD_MIN_CHANNELS or _tiles(*x_shape[:3]) < WINOGRAD_MIN_TILES):
+      or channels < WINOGRAD_MIN_CHANNELS or not enough_tiles):
     return False
   reason = unavailable_reason()
   if reason:
