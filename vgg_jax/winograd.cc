@@ -516,6 +516,19 @@ static inline void kernel_t_elem(const float* u, float* g, int64_t ck, int64_t e
   }
 }
 
+// Runs fn(V{}, i) over the C*K kernel positions i, 8 at a time (V = v8) and the rest one at
+// a time (V = float), in blocks of 512 split over the pool.
+template <class Fn>
+static void for_each_kernel_element(ffi::ThreadPool& pool, int64_t ck, Fn fn) {
+  const int64_t blk = 512;
+  parallel_for(pool, (ck + blk - 1) / blk, 1, [=](int64_t b, int64_t e) {
+    for (int64_t i = b * blk, end = std::min(ck, e * blk); i < end;) {
+      if (i + 8 <= end) { fn(v8{}, i); i += 8; }
+      else { fn(0.f, i); i += 1; }
+    }
+  });
+}
+
 // `after` is not read: it orders the transform after the layer's input exists, so that U is
 // made just before its matmul instead of every layer's U at once at the start.
 static ffi::Error KernelTransformImpl(ffi::ThreadPool pool, B4 g, ffi::AnyBuffer after,
@@ -525,12 +538,8 @@ static ffi::Error KernelTransformImpl(ffi::ThreadPool pool, B4 g, ffi::AnyBuffer
   const int64_t ck = d[2] * d[3];
   const float* gp = g.typed_data();
   float* up = u->typed_data();
-  const int64_t blk = 512;
-  parallel_for(pool, (ck + blk - 1) / blk, 1, [=](int64_t b, int64_t e) {
-    for (int64_t i = b * blk, end = std::min(ck, e * blk); i < end;) {
-      if (i + 8 <= end) { kernel_elem<v8>(gp, up, ck, i); i += 8; }
-      else { kernel_elem<float>(gp, up, ck, i); i += 1; }
-    }
+  for_each_kernel_element(pool, ck, [=](auto vec, int64_t i) {
+    kernel_elem<decltype(vec)>(gp, up, ck, i);
   });
   return ffi::Error::Success();
 }
@@ -546,12 +555,8 @@ static ffi::Error KernelTransformTImpl(ffi::ThreadPool pool, B3 u, ffi::ResultBu
   const int64_t ck = d[2] * d[3];
   const float* up = u.typed_data();
   float* gp = g->typed_data();
-  const int64_t blk = 512;
-  parallel_for(pool, (ck + blk - 1) / blk, 1, [=](int64_t b, int64_t e) {
-    for (int64_t i = b * blk, end = std::min(ck, e * blk); i < end;) {
-      if (i + 8 <= end) { kernel_t_elem<v8>(up, gp, ck, i); i += 8; }
-      else { kernel_t_elem<float>(up, gp, ck, i); i += 1; }
-    }
+  for_each_kernel_element(pool, ck, [=](auto vec, int64_t i) {
+    kernel_t_elem<decltype(vec)>(up, gp, ck, i);
   });
   return ffi::Error::Success();
 }
