@@ -1,9 +1,9 @@
 """Inference throughput of vgg_jax's notebook API against torchvision's VGG, same run, in turns.
 
 vgg_jax's side is what a notebook calls: `vgg_jax.features` (the standard forward, fc8 scores
-and fc7 features of a batch of preprocessed images) and `vgg_jax.predict`'s dense scoring
-(`evaluation.dense_posteriors`, one image at a time, as `predict` runs it), with each
-config.conv_algorithm of --conv_algorithms (the first is compared with torch). PyTorch's side is
+and fc7 features of a batch of preprocessed images) and `vgg_jax.predict` (dense scoring of
+one image of the crop's size), with each config.conv_algorithm of --conv_algorithms (the first
+is compared with torch). PyTorch's side is
 torchvision's twin net in eval mode under `torch.no_grad()`, channels_last, eager and with
 torch.compile (every mode tried is reported; the ratio is taken against the fastest). Both see
 the same float32 batch; the frameworks take turns of --block calls (`timing.in_turns`).
@@ -27,7 +27,6 @@ import jax.numpy as jnp
 import numpy as np
 
 from benchmarks import timing
-from vgg_jax import evaluation
 from vgg_jax import inference
 from vgg_jax import models
 from vgg_jax import preprocess
@@ -54,18 +53,15 @@ def prepare_jax(variant: str, width: float, size: int, batch: int, num_classes: 
                      conv_algorithm=conv_algorithm)
   x = jnp.asarray(np.random.default_rng(0).normal(0, 50, (batch, size, size, 3)), jnp.float32)
   variables = {'params': steps.init_params(model, jax.random.key(0), x[:1])}
-  images = np.random.default_rng(1).integers(0, 256, (1, size, size, 3), np.uint8)
-  sizes = jnp.asarray([[size, size]])
-  normalization = preprocess.Normalization()  # The paper's mean RGB.
-  dense = jax.jit(evaluation.dense_posteriors,
-                  static_argnames=('model', 'normalization', 'flip'))
+  image = np.random.default_rng(1).integers(0, 256, (size, size, 3), np.uint8)
+  # The paper's mean RGB; Q = the image's size, so predict's rescale leaves it as it is.
+  at_q = inference.Preprocess(preprocess.Normalization(), size, size)
 
   def features():
     jax.block_until_ready(inference.features(model, variables, x, layers=('fc7', 'fc8')))
 
-  def predict_one():  # predict's call, on one image already rescaled to Q.
-    jax.block_until_ready(dense(variables['params'], jnp.asarray(images), sizes, model=model,
-                                normalization=normalization, flip=False))
+  def predict_one():  # One image already rescaled to Q.
+    inference.predict(model, variables, image, at_q)
 
   return {f'vgg_jax features{suffix}': (features, batch)} | (
       {f'vgg_jax predict (dense){suffix}': (predict_one, 1)} if batch == 1 else {})

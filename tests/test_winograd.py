@@ -17,6 +17,7 @@ from vgg_jax import config_validation
 from vgg_jax import errors
 from vgg_jax import models
 from vgg_jax import ops
+from vgg_jax import preprocess
 from vgg_jax import winograd
 
 pytestmark = pytest.mark.skipif(not winograd.available(),
@@ -102,6 +103,63 @@ def test_vgg_on_winograd_gives_xla_logits_and_gradients_layer_by_layer():
           layer, kind)
 
 
+def test_transformed_kernels_give_xla_logits_take_winograd_from_32_tiles_and_not_in_gradients():
+  # Width 1/4, 64 x 64, batch 8: conv4 (128 -> 128 channels) has 32 tiles, XLA's convolution
+  # without transformed kernels and Winograd's with them.
+  rng = np.random.default_rng(1)
+  model = models.VGG(variant='D', width=1 / 4, num_classes=10)
+  x = jnp.asarray(rng.normal(0, 50, (8, 64, 64, 3)), jnp.float32)
+  params = model.init(jax.random.key(1), x[:1])['params']
+  transformed = winograd.transformed_kernels(params, 'auto', jnp.float32)
+  assert sorted(transformed) == sorted(set(models.layer_names('D')[1:-3]))  # Not conv1_1.
+  assert transformed['conv4_1']['kernel'].shape == (36, 64, 128)
+  expected = models.VGG(variant='D', width=1 / 4, num_classes=10, conv_algorithm='xla').apply(
+      {'params': params}, x)
+  apply = jax.jit(lambda variables: model.apply(variables, x))
+  logits = apply({'params': params, models.WINOGRAD: transformed})
+  assert relative_error(logits, expected) < winograd.TOLERANCE
+
+  wrong = jax.tree.map(lambda u: u, transformed)
+  wrong['conv4_2']['kernel'] = jnp.zeros_like(wrong['conv4_2']['kernel'])
+  assert relative_error(apply({'params': params, models.WINOGRAD: wrong}), expected) > 0.1
+
+  def grads(variables):
+    loss = lambda p: jnp.sum(model.apply({**variables, 'params': p}, x) ** 2)
+    return jax.jit(jax.grad(loss))(params)
+
+  # Differentiated, conv4 takes Winograd (U given) but makes U from its kernel.
+  right, with_wrong = grads({models.WINOGRAD: transformed}), grads({models.WINOGRAD: wrong})
+  for layer in models.layer_names('D'):
+    np.testing.assert_array_equal(with_wrong[layer]['kernel'], right[layer]['kernel'])
+
+
+def test_notebook_functions_make_the_winograd_kernels_once_per_jax_parameters(monkeypatch):
+  from vgg_jax import inference  # pylint: disable=g-import-not-at-top
+  calls = []
+  make = winograd.transformed_kernels
+  monkeypatch.setattr(winograd, 'transformed_kernels', lambda *a: calls.append(1) or make(*a))
+  rng = np.random.default_rng(2)
+  model = models.VGG(variant='A', width=1 / 4, num_classes=10)
+  x = jnp.asarray(rng.normal(0, 50, (8, 64, 64, 3)), jnp.float32)
+  params = model.init(jax.random.key(2), x[:1])['params']
+  expected = models.VGG(variant='A', width=1 / 4, num_classes=10, conv_algorithm='xla').apply(
+      {'params': params}, x)
+  for _ in range(2):
+    fc8 = inference.features(model, {'params': params}, x, layers=('fc8',))['fc8']
+    assert relative_error(fc8, expected) < winograd.TOLERANCE
+  assert len(calls) == 1
+  image = rng.integers(0, 256, (64, 64, 3), np.uint8)
+  at_q = inference.Preprocess(preprocess.Normalization(), 64, 64)
+  inference.predict(model, {'params': params}, image, at_q)
+  assert len(calls) == 1
+  changed = jax.tree.map(lambda p: p * 1.5, params)  # New arrays: their own kernels.
+  inference.features(model, {'params': changed}, x, layers=('fc8',))
+  assert len(calls) == 2
+  as_numpy = jax.tree.map(np.asarray, params)  # Mutable in place: none kept.
+  fc8 = inference.features(model, {'params': as_numpy}, x, layers=('fc8',))['fc8']
+  assert len(calls) == 2 and relative_error(fc8, expected) < winograd.TOLERANCE
+
+
 def test_auto_takes_winograd_only_where_it_was_measured_faster_on_the_cpu():
   def uses(x_shape, features, kernel_size=3, dtype=jnp.float32, backend='cpu'):
     kernel_shape = (kernel_size, kernel_size, x_shape[-1], features)
@@ -112,6 +170,11 @@ def test_auto_takes_winograd_only_where_it_was_measured_faster_on_the_cpu():
   assert not uses((8, 224, 224, 3), 64)  # conv1_1: a contraction over 3 channels.
   assert not uses((1, 28, 28, 512), 512)  # conv4 at batch 1: 49 tiles of a 38 MB U.
   assert not uses((1, 14, 14, 512), 512)  # conv5 at batch 1: 16 tiles.
+  # With U made beforehand (fixed weights), 32 tiles are enough: conv4 at batch 1 has 49.
+  assert winograd.uses_winograd('auto', (1, 28, 28, 512), (3, 3, 512, 512), jnp.float32, 'cpu',
+                                transformed=True)
+  assert not winograd.uses_winograd('auto', (1, 14, 14, 512), (3, 3, 512, 512), jnp.float32,
+                                    'cpu', transformed=True)
   assert uses((64, 4, 4, 64), 64)  # conv4 of the digits net: 64 tiles, a 590 KB U.
   assert not uses((2, 8, 8, 64), 64)  # 8 tiles.
   assert not uses((8, 28, 28, 512), 512, kernel_size=1)  # C's 1x1 layers.

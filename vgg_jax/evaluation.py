@@ -64,17 +64,23 @@ def _dense_views(images, sizes, normalization, dtype, flip):
           jnp.concatenate([sizes, sizes]), 2)
 
 
+def _variables(params, transformed: Optional[dict]) -> dict:
+  return {'params': params, **({models.WINOGRAD: transformed} if transformed else {})}
+
+
 def dense_posteriors(params, images: jax.Array, sizes: jax.Array, *, model: models.VGG,
-                     normalization: preprocess.Normalization, flip: bool = True) -> jax.Array:
+                     normalization: preprocess.Normalization, flip: bool = True,
+                     transformed: Optional[dict] = None) -> jax.Array:
   """Sec. 3.2 dense evaluation of a batch of padded images: (B, H, W, 3) uint8 whose valid
   part is sizes[i] = (height, width) -> (B, num_classes) soft-max posteriors.
 
   The net masks the padding out of every feature map (`VGG(..., sizes=...)`), so each image
   scores exactly as it would alone; the score map is averaged over the locations whose
-  window lies inside the image.
+  window lies inside the image. `transformed`: the params' Winograd kernels, made once for
+  fixed weights (`winograd.transformed_kernels`).
   """
   x, sizes, views = _dense_views(images, sizes, normalization, model.dtype, flip)
-  scores = model.apply({'params': params}, x, dense=True, sizes=sizes)
+  scores = model.apply(_variables(params, transformed), x, dense=True, sizes=sizes)
   mean_scores = _mean_over_windows(scores, images.shape[1], sizes)
   return jax.nn.softmax(mean_scores).reshape(views, images.shape[0], -1).mean(axis=0)
 
@@ -93,13 +99,13 @@ def _mean_over_windows(maps: jax.Array, padded_height: int, sizes: jax.Array) ->
 
 def dense_descriptors(params, images: jax.Array, sizes: jax.Array, *, model: models.VGG,
                       normalization: preprocess.Normalization, flip: bool = True,
-                      layer: str = 'fc7') -> jax.Array:
+                      layer: str = 'fc7', transformed: Optional[dict] = None) -> jax.Array:
   """Appendix B's image descriptor at one scale, before normalisation: the net applied densely
   to padded images as in `dense_posteriors`, `layer`'s (fc6 or fc7) output after its ReLU
   averaged over the image's locations and, with `flip`, over the image and its mirror.
   (B, H, W, 3) uint8 -> (B, features) float32."""
   x, sizes, views = _dense_views(images, sizes, normalization, model.dtype, flip)
-  _, state = model.apply({'params': params}, x, dense=True, sizes=sizes,
+  _, state = model.apply(_variables(params, transformed), x, dense=True, sizes=sizes,
                          capture_intermediates=lambda m, method: (method == '__call__'
                                                                   and m.name == layer),
                          mutable=['intermediates'])

@@ -12,6 +12,7 @@ No tensorflow: images are numpy or jax arrays.
 
 import dataclasses
 import functools
+import weakref
 from typing import Optional, Sequence, Union
 
 import flax.linen as nn
@@ -26,6 +27,7 @@ from vgg_jax import ops
 from vgg_jax import preprocess as preprocessing
 from vgg_jax import protocol
 from vgg_jax import run_files
+from vgg_jax import winograd
 
 Images = Union[np.ndarray, jax.Array, Sequence[np.ndarray]]
 
@@ -78,10 +80,45 @@ def load(path: str, step: Optional[int] = None) -> tuple[models.VGG, dict, Prepr
   newest checkpoint (or `step`), the net its config describes, its input normalisation."""
   config = checkpoints.load_config(path, step)
   model = models.create_model(config)
-  params = jax.device_get(checkpoints.restore_params(path, config, step))
+  # jax arrays, not numpy's: immutable, so their Winograd kernels are made once
+  # (`_with_transformed_kernels`).
+  params = jax.tree.map(jnp.asarray, jax.device_get(checkpoints.restore_params(path, config,
+                                                                               step)))
   preprocess = Preprocess(preprocessing.Normalization.from_config(config), config.image_size,
                           protocol.single_test_scale(config), config.dtype)
   return model, {'params': params}, preprocess
+
+
+class _TransformedKernels:
+  """The Winograd kernels (`winograd.transformed_kernels`) of the parameters seen, made once
+  per parameters and kept while they live: the notebook functions apply fixed weights call
+  after call. jax arrays are immutable, so the kernels' identities (checked through weak
+  references) say the weights are the same; numpy parameters, which can change in place, get
+  none and keep the transform in the net."""
+
+  def __init__(self):
+    self._entries = {}
+
+  def __call__(self, model: models.VGG, params: dict) -> dict:
+    kernels = [leaf for leaf in jax.tree.leaves(params) if leaf.ndim == 4]
+    if not kernels or not all(isinstance(k, jax.Array) for k in kernels):
+      return {}
+    key = (id(kernels[0]), model.conv_algorithm, model.dtype)
+    refs, transformed = self._entries.get(key, ((), {}))
+    if len(refs) != len(kernels) or any(ref() is not k for ref, k in zip(refs, kernels)):
+      forget = lambda _, entries=self._entries: entries.pop(key, None)
+      refs = tuple(weakref.ref(k, forget if i == 0 else None) for i, k in enumerate(kernels))
+      transformed = winograd.transformed_kernels(params, model.conv_algorithm, model.dtype)
+      self._entries[key] = refs, transformed
+    return transformed
+
+
+_transformed_kernels = _TransformedKernels()
+
+
+def _with_transformed_kernels(model: models.VGG, variables: dict) -> dict:
+  transformed = _transformed_kernels(model, variables['params'])
+  return {**variables, models.WINOGRAD: transformed} if transformed else variables
 
 
 def class_names(path: str) -> Optional[list[str]]:
@@ -108,7 +145,8 @@ def features(model: models.VGG, variables: dict, images: jax.Array,
   if unknown:
     raise ValueError(f'No layer {", ".join(unknown)} in net {model.variant}; its layers are '
                      f'{", ".join(known)}.')
-  computed = _features(model, variables, images, tuple(layers), dense)
+  computed = _features(model, _with_transformed_kernels(model, variables), images,
+                       tuple(layers), dense)
   return {name: computed[name] for name in layers}
 
 
@@ -165,9 +203,11 @@ def predict(model: models.VGG, variables: dict, images: Images, preprocess: Prep
   probable first.
   """
   results = []
+  transformed = _transformed_kernels(model, variables['params'])
   for image in _as_list(images):
     probs = _dense_posteriors(variables['params'], *_padded(preprocess.rescale(image)),
-                              model=model, normalization=preprocess.normalization, flip=flip)[0]
+                              model=model, normalization=preprocess.normalization, flip=flip,
+                              transformed=transformed)[0]
     top = np.argsort(-np.asarray(probs), kind='stable')[:k]
     results.append([{'label': int(i), **({'name': class_names[i]} if class_names else {}),
                      'probability': float(probs[i])} for i in top])
@@ -185,11 +225,12 @@ def descriptors(model: models.VGG, variables: dict, images: Images, preprocess: 
   classifier on these recognises classes the net was not trained on (`vgg_jax.linear_probe`).
   """
   per_scale = []
+  transformed = _transformed_kernels(model, variables['params'])
   for q in scales:
     at_q = dataclasses.replace(preprocess, scale=int(q))
     per_scale.append(np.concatenate([
         np.asarray(_dense_descriptors(variables['params'], *_padded(at_q.rescale(image)),
                                       model=model, normalization=preprocess.normalization,
-                                      flip=flip, layer=layer))
+                                      flip=flip, layer=layer, transformed=transformed))
         for image in _as_list(images)]))
   return evaluation.aggregate_descriptors(per_scale, aggregate)

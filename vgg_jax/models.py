@@ -18,6 +18,8 @@ from vgg_jax import ops
 from vgg_jax import winograd
 
 Dtype = Any
+# The variable collection of precomputed Winograd kernels (`winograd.transformed_kernels`).
+WINOGRAD = 'winograd'
 # config.dtype: what the net computes in; parameters stay float32.
 DTYPES = {'float32': jnp.float32, 'bfloat16': jnp.bfloat16, 'float16': jnp.float16}
 
@@ -132,8 +134,10 @@ class Conv(nn.Module):
                         self.param_dtype)
     bias = self.param('bias', self.bias_init, (self.features,), self.param_dtype)
     x, kernel, bias = nn.dtypes.promote_dtype(x, kernel, bias, dtype=self.dtype)
-    if winograd.uses_winograd(self.conv_algorithm, x.shape, kernel.shape, x.dtype):
-      return winograd.conv_bias_relu(x, kernel, bias, self.relu)
+    transformed = self.get_variable(WINOGRAD, 'kernel')
+    if winograd.uses_winograd(self.conv_algorithm, x.shape, kernel.shape, x.dtype,
+                              transformed=transformed is not None):
+      return winograd.conv_bias_relu(x, kernel, bias, self.relu, transformed)
     flops = 2 * math.prod(x.shape[:-1]) * kernel.size
     conv = (ops.conv_matmul_weight_grad if ops.uses_matmul_weight_grad(self.weight_grad, flops)
             else ops.conv)

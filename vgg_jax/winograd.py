@@ -28,6 +28,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from vgg_jax import ops
+
 SOURCE = os.path.join(os.path.dirname(os.path.abspath(__file__)), 'winograd.cc')
 # Custom-call target -> the handler symbol winograd.cc exports.
 TARGETS = {'vgg_jax_wino_input': 'WinoInput', 'vgg_jax_wino_output': 'WinoOutput',
@@ -47,6 +49,9 @@ WINOGRAD_MIN_CHANNELS = 16
 WINOGRAD_MIN_TILES = 100
 SMALL_KERNEL_CHANNELS = 64 * 64
 SMALL_KERNEL_MIN_TILES = 32
+# Not differentiated (inference), layers of small kernels and at least this many tiles take
+# XLA's convolution: see `conv_bias_relu`.
+FORWARD_XLA_MIN_TILES = 1000
 
 _lock = threading.Lock()
 
@@ -134,7 +139,7 @@ def _warn_unavailable(reason: str) -> None:
 
 
 def uses_winograd(algorithm: str, x_shape, kernel_shape, dtype,
-                  backend: Optional[str] = None) -> bool:
+                  backend: Optional[str] = None, transformed: bool = False) -> bool:
   """Whether a convolution of input `x_shape` (N, H, W, C) and HWIO `kernel_shape` is computed
   by `conv_bias_relu` (config.conv_algorithm).
 
@@ -164,7 +169,8 @@ def uses_winograd(algorithm: str, x_shape, kernel_shape, dtype,
   channels, features = kernel_shape[2:]
   tiles = _tiles(*x_shape[:3])
   enough_tiles = tiles >= WINOGRAD_MIN_TILES or (
-      channels * features <= SMALL_KERNEL_CHANNELS and tiles >= SMALL_KERNEL_MIN_TILES)
+      (transformed or channels * features <= SMALL_KERNEL_CHANNELS)
+      and tiles >= SMALL_KERNEL_MIN_TILES)
   if (backend != 'cpu' or jnp.dtype(dtype) != jnp.float32
       or channels < WINOGRAD_MIN_CHANNELS or not enough_tiles):
     return False
@@ -183,16 +189,36 @@ def _call(target: str, shape, *args, **attributes) -> jax.Array:
                           vmap_method='sequential')(*args, **attributes)
 
 
+def transformed_kernels(params: dict, algorithm: str, dtype) -> dict:
+  """{layer: {'kernel': U}} for the 3x3 layers of a parameter tree that `uses_winograd` may
+  compute so, for nets whose weights stay fixed (inference, evaluation): passed to
+  `model.apply` as the 'winograd' collection, they spare each call the kernel transforms, and
+  layers with few tiles (conv4 and conv5 at batch 1) then gain too. {} where no layer can."""
+  def candidate(kernel):  # At a size with tiles enough.
+    return kernel.ndim == 4 and uses_winograd(
+        algorithm, (1, 4 * WINOGRAD_MIN_TILES, 4, kernel.shape[2]), kernel.shape, dtype)
+  kernels = {name: leaf['kernel'] for name, leaf in params.items()
+             if isinstance(leaf, dict) and 'kernel' in leaf and candidate(leaf['kernel'])}
+  return {name: {'kernel': u} for name, u in _transform_all(kernels).items()}
+
+
+@jax.jit
+def _transform_all(kernels: dict) -> dict:
+  return {name: kernel_transform(jnp.asarray(kernel, jnp.float32))
+          for name, kernel in kernels.items()}
+
+
 def input_transform(x: jax.Array) -> jax.Array:
   """x (N, H, W, C) -> V (36, tiles, C): B^T d B of every 6x6 input tile (stride 4)."""
   n, height, width, channels = x.shape
   return _call('vgg_jax_wino_input', (36, _tiles(n, height, width), channels), x)
 
 
-def kernel_transform(kernel: jax.Array, after: jax.Array) -> jax.Array:
+def kernel_transform(kernel: jax.Array, after: Optional[jax.Array] = None) -> jax.Array:
   """HWIO (3, 3, C, K) -> U (36, C, K): G g G^T, computed once `after` is (so that every
   layer's U is not made, and held, at the start of the net)."""
-  return _call('vgg_jax_wino_kernel', (36, *kernel.shape[2:]), kernel, after)
+  return _call('vgg_jax_wino_kernel', (36, *kernel.shape[2:]), kernel,
+               kernel if after is None else after)
 
 
 # Output transform modes of winograd.cc: + bias, + bias then ReLU.
@@ -210,9 +236,9 @@ def _products(v: jax.Array, u: jax.Array) -> jax.Array:
   return jnp.einsum('epc,eck->epk', v, u)
 
 
-def _forward(x, kernel, bias, relu):
+def _forward(x, kernel, bias, relu, transformed=None):
   v = input_transform(x)
-  u = kernel_transform(kernel, v)
+  u = kernel_transform(kernel, v) if transformed is None else transformed
   y = output_transform(_products(v, u), bias, (*x.shape[:3], kernel.shape[-1]), relu)
   return y, (v, u, y)
 
@@ -231,15 +257,25 @@ def _backward(relu, residuals, dy):
                   jnp.einsum('epc,epk->eck', v, dm))
   if relu:
     dy = jnp.where(y > 0, dy, jnp.zeros((), dy.dtype))
-  return dx, dkernel, dy.sum((0, 1, 2))
+  return dx, dkernel, dy.sum((0, 1, 2)), None
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(3,))
-def conv_bias_relu(x: jax.Array, kernel: jax.Array, bias: jax.Array,
-                   relu: bool = True) -> jax.Array:
+def conv_bias_relu(x: jax.Array, kernel: jax.Array, bias: jax.Array, relu: bool = True,
+                   transformed: Optional[jax.Array] = None) -> jax.Array:
   """A 3x3, stride-1, 'SAME' convolution (NHWC x HWIO), + bias, then ReLU if `relu`, by
-  F(4x4, 3x3): XLA's `ops.conv(x, kernel) + bias` up to float32 rounding. float32 only."""
-  return _forward(x, kernel, bias, relu)[0]
+  F(4x4, 3x3): XLA's `ops.conv(x, kernel) + bias` up to float32 rounding. float32 only.
+
+  `transformed`: `kernel`'s U, made beforehand for fixed weights (`transformed_kernels`), used
+  where the call is not differentiated. Differentiated, U is made from `kernel`, so gradients
+  never depend on it.
+  """
+  if (kernel.shape[2] * kernel.shape[3] <= SMALL_KERNEL_CHANNELS
+      and _tiles(*x.shape[:3]) >= FORWARD_XLA_MIN_TILES):
+    y = ops.conv(x, kernel) + bias
+    return jax.nn.relu(y) if relu else y
+  return _forward(x, kernel, bias, relu, transformed)[0]
 
 
-conv_bias_relu.defvjp(lambda x, kernel, bias, relu: _forward(x, kernel, bias, relu), _backward)
+conv_bias_relu.defvjp(lambda x, kernel, bias, relu, transformed: _forward(x, kernel, bias, relu),
+                      _backward)
