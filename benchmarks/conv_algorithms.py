@@ -7,7 +7,8 @@ convolution, for accuracy and speed, and what 'auto' picks.
 For every 3x3 layer of the net: max |Winograd - XLA| / max |XLA| of the output, the input
 gradient and the kernel gradient of the convolution + bias (float32, batch 2); then the
 forward, and the forward + both gradients, of `models.Conv` with its ReLU (as the net runs
-it) on each algorithm, timed in turns (median of --steps). This is the measurement behind
+it) on each algorithm, and Winograd's forward with U made beforehand (as vgg_jax.features
+and predict keep it), timed in turns (median of --steps). This is the measurement behind
 `winograd.uses_winograd`'s thresholds; whole nets against torchvision are
 benchmarks/inference.py's and benchmarks/train_step.py's.
 """
@@ -66,6 +67,10 @@ def candidates(shape, batch, rng) -> dict:
                             (0, 1)))
     out[f'{algorithm} forward'] = lambda f=forward, p=params: jax.block_until_ready(f(p, x))
     out[f'{algorithm} train'] = lambda f=both, p=params: jax.block_until_ready(f(p, x))
+  # Inference: U made once beforehand, as vgg_jax.features and predict keep it.
+  kept = {**params, models.WINOGRAD: winograd.transformed_kernels(
+      {'layer': params['params']}, 'winograd', jnp.float32)['layer']}
+  out['winograd kept forward'] = lambda f=forward, p=kept: jax.block_until_ready(f(p, x))
   return out
 
 
@@ -82,22 +87,32 @@ def main(argv):
         f'{jax.local_devices()[0].device_kind}, jax {jax.__version__}: ms per call (median of '
         f'{num_steps}, in turns) and error against XLA')
   print(f'{"layer":8} {"shape (N,H,C,K)":>18} {"auto":>8} {"fwd xla":>8} {"winograd":>9} '
-        f'{"train xla":>10} {"winograd":>9}   {"err y":>7} {"dx":>7} {"dkernel":>7}')
+        f'{"U kept":>7} {"train xla":>10} {"winograd":>9}   {"err y":>7} {"dx":>7} '
+        f'{"dkernel":>7}')
   for name, side, channels, features in layer_shapes(variant, size, width):
     shape = (batch, side, channels, features)
     error = errors(shape, rng)
     results = timing.in_turns(candidates(shape, batch, rng), num_steps,
                               warmup=0 if FLAGS.smoke else 1, block=1)
     ms = {k: 1e3 * r['median_step_s'] for k, r in results.items()}
-    auto = winograd.uses_winograd('auto', (batch, side, side, channels),
-                                  (3, 3, channels, features), jnp.float32)
+    x_shape, kernel_shape = (batch, side, side, channels), (3, 3, channels, features)
+    auto = winograd.uses_winograd('auto', x_shape, kernel_shape, jnp.float32)
+    # What 'auto' runs in the forward alone, with U made in the net, and kept.
+    forward = winograd.forward_algorithm('auto', x_shape, kernel_shape) if auto else 'xla'
+    kept = ('winograd kept' if winograd.uses_winograd('auto', x_shape, kernel_shape,
+                                                       jnp.float32, transformed=True)
+            and winograd.forward_algorithm('auto', x_shape, kernel_shape) == 'winograd'
+            else 'xla')
     rows.append({'layer': name, 'shape': shape, 'auto': 'winograd' if auto else 'xla',
-                 'ms': ms, 'error': error})
+                 'auto_forward': forward, 'auto_inference': kept, 'ms': ms, 'error': error})
     print(f'{name:8} {str(shape):>18} {rows[-1]["auto"]:>8} {ms["xla forward"]:8.1f} '
-          f'{ms["winograd forward"]:9.1f} {ms["xla train"]:10.1f} {ms["winograd train"]:9.1f}'
+          f'{ms["winograd forward"]:9.1f} {ms["winograd kept forward"]:7.1f} '
+          f'{ms["xla train"]:10.1f} {ms["winograd train"]:9.1f}'
           f'   {error["y"]:7.1e} {error["dx"]:7.1e} {error["dkernel"]:7.1e}')
   totals = {k: sum(r['ms'][k] for r in rows) for k in rows[0]['ms']}
-  totals['auto forward'] = sum(r['ms'][f'{r["auto"]} forward'] for r in rows)
+  totals['auto forward'] = sum(r['ms'][f'{r["auto_forward"]} forward'] for r in rows)
+  totals['auto inference (U kept)'] = sum(r['ms'][f'{r["auto_inference"]} forward']
+                                          for r in rows)
   totals['auto train'] = sum(r['ms'][f'{r["auto"]} train'] for r in rows)
   print('total (ms): ' + ', '.join(f'{k} {v:.0f}' for k, v in totals.items()))
   if FLAGS.json:

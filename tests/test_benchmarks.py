@@ -120,8 +120,8 @@ def test_conv_algorithms_smoke_run_checks_winograd_against_xla_on_every_layer(tm
   for r in report['rows']:
     assert set(r['error']) == {'y', 'dx', 'dkernel'}
     assert max(r['error'].values()) < winograd.TOLERANCE, r
-    assert len(r['ms']) == 4 and min(r['ms'].values()) > 0
+    assert len(r['ms']) == 5 and min(r['ms'].values()) > 0
   # 1/8 width, batch 2: conv1_1 and conv2_1 have 3 and 8 input channels, and from conv3_1
   # on (8 x 8: 2 x 2 tiles an image) there are at most 8 tiles.
   assert {r['auto'] for r in report['rows']} == {'xla'}
-  assert 'auto train' in stdout
+  assert 'auto train' in stdout and 'auto inference (U kept)' in stdout

@@ -103,7 +103,22 @@ def test_vgg_on_winograd_gives_xla_logits_and_gradients_layer_by_layer():
           layer, kind)
 
 
-def test_transformed_kernels_give_xla_logits_take_winograd_from_32_tiles_and_not_in_gradients():
+@pytest.mark.parametrize('tiles, channels, features', [(7, 5, 9), (49, 24, 40), (100, 19, 33)])
+def test_products_of_packed_kernels_are_the_36_matmuls(tiles, channels, features):
+  # Row blocks of 6 with every remainder, 16-column panels with and without a partial one.
+  rng = fresh_rng()
+  v = rng.normal(size=(36, tiles, channels)).astype(np.float32)
+  u = rng.normal(size=(36, channels, features)).astype(np.float32)
+  packed = np.zeros((36, -(-features // 16), channels, 16), np.float32)
+  for k in range(features):
+    packed[:, k // 16, :, k % 16] = u[:, :, k]
+  expected = np.einsum('epc,eck->epk', v.astype(np.float64), u.astype(np.float64))
+  got = jax.jit(winograd.products, static_argnums=2)(v, packed, features)
+  assert relative_error(got, expected) < 1e-6
+  assert relative_error(winograd._packed(jnp.asarray(u)), packed) == 0
+
+
+def test_transformed_kernels_give_xla_logits_take_winograd_on_few_tiles_and_not_in_gradients():
   # Width 1/4, 64 x 64, batch 8: conv4 (128 -> 128 channels) has 32 tiles, XLA's convolution
   # without transformed kernels and Winograd's with them.
   rng = np.random.default_rng(1)
@@ -112,7 +127,7 @@ def test_transformed_kernels_give_xla_logits_take_winograd_from_32_tiles_and_not
   params = model.init(jax.random.key(1), x[:1])['params']
   transformed = winograd.transformed_kernels(params, 'auto', jnp.float32)
   assert sorted(transformed) == sorted(set(models.layer_names('D')[1:-3]))  # Not conv1_1.
-  assert transformed['conv4_1']['kernel'].shape == (36, 64, 128)
+  assert transformed['conv4_1']['kernel'].shape == (36, 128 // 16, 64, 16)  # Packed U.
   expected = models.VGG(variant='D', width=1 / 4, num_classes=10, conv_algorithm='xla').apply(
       {'params': params}, x)
   apply = jax.jit(lambda variables: model.apply(variables, x))
@@ -170,10 +185,10 @@ def test_auto_takes_winograd_only_where_it_was_measured_faster_on_the_cpu():
   assert not uses((8, 224, 224, 3), 64)  # conv1_1: a contraction over 3 channels.
   assert not uses((1, 28, 28, 512), 512)  # conv4 at batch 1: 49 tiles of a 38 MB U.
   assert not uses((1, 14, 14, 512), 512)  # conv5 at batch 1: 16 tiles.
-  # With U made beforehand (fixed weights), 32 tiles are enough: conv4 at batch 1 has 49.
-  assert winograd.uses_winograd('auto', (1, 28, 28, 512), (3, 3, 512, 512), jnp.float32, 'cpu',
+  # With U made beforehand (fixed weights), 16 tiles are enough: conv5 at batch 1 has 16.
+  assert winograd.uses_winograd('auto', (1, 14, 14, 512), (3, 3, 512, 512), jnp.float32, 'cpu',
                                 transformed=True)
-  assert not winograd.uses_winograd('auto', (1, 14, 14, 512), (3, 3, 512, 512), jnp.float32,
+  assert not winograd.uses_winograd('auto', (1, 12, 12, 512), (3, 3, 512, 512), jnp.float32,
                                     'cpu', transformed=True)
   assert uses((64, 4, 4, 64), 64)  # conv4 of the digits net: 64 tiles, a 590 KB U.
   assert not uses((2, 8, 8, 64), 64)  # 8 tiles.
@@ -185,6 +200,22 @@ def test_auto_takes_winograd_only_where_it_was_measured_faster_on_the_cpu():
   assert winograd.uses_winograd('winograd', (1, 14, 14, 3), (3, 3, 3, 8), jnp.float32, 'cpu')
   with pytest.raises(ValueError, match="conv_algorithm='fast'.*auto, xla, winograd"):
     winograd.uses_winograd('fast', (8, 56, 56, 256), (3, 3, 256, 256), jnp.float32, 'cpu')
+
+
+def test_auto_keeps_xla_in_the_forward_of_small_kernels_over_many_tiles_and_not_in_training():
+  x, kernel, bias = jnp.ones((1, 128, 128, 16)), jnp.ones((3, 3, 16, 16)), jnp.zeros(16)
+  assert winograd.uses_winograd('auto', x.shape, kernel.shape, jnp.float32, 'cpu')
+  assert winograd.forward_algorithm('auto', x.shape, kernel.shape) == 'xla'  # 1,024 tiles.
+  assert winograd.forward_algorithm('winograd', x.shape, kernel.shape) == 'winograd'
+  assert winograd.forward_algorithm('auto', (1, 124, 124, 16), kernel.shape) == 'winograd'
+  assert winograd.forward_algorithm('auto', x.shape, (3, 3, 64, 128)) == 'winograd'
+
+  model = models.Conv(16, 3, relu=True)
+  params = model.init(jax.random.key(0), x)
+  forward = str(jax.make_jaxpr(model.apply)(params, x))
+  assert 'conv_general_dilated' in forward and 'vgg_jax_wino' not in forward
+  trained = str(jax.make_jaxpr(jax.grad(lambda p: model.apply(p, x).sum()))(params))
+  assert 'vgg_jax_wino_output_t' in trained and 'conv_general_dilated' not in trained
 
 
 @pytest.mark.parametrize('dtype, why', [('bfloat16', 'runs float32 on the CPU, not bfloat16')])

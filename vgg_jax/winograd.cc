@@ -6,6 +6,7 @@
 //   wino_output    M[36,T,K], bias[K]  -> y[N,H,W,K]   y = A^T m A (+ bias) (ReLU): mode 0/1/2
 //   wino_output_t  dy[N,H,W,K], y      -> dM[36,T,K]   A dy A^T, dy masked by y > 0 in mode 1
 //   wino_input_t   dV[36,T,C]          -> dx[N,H,W,C]  the transpose of wino_input
+//   wino_products  V[36,T,C], P[36,K/16,C,16] -> M[36,T,K]  M[e] = V[e] U[e], U packed
 //   wino_kernel    g[3,3,C,K]          -> U[36,C,K]    G g G^T
 //   wino_kernel_t  dU[36,C,K]          -> dg[3,3,C,K]  G^T dU G
 //
@@ -461,6 +462,80 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(WinoInputT, InputTransformTImpl,
                                   .Ctx<ffi::ThreadPool>()
                                   .Arg<B3>()
                                   .Ret<B4>());
+
+// ---------------------------------------------------------------- products
+// M[e] = V[e] U[e] for the 36 elements e: (T, C) x (C, K), with U packed in panels of 16
+// columns, P[e][k / 16][c][k % 16] (zero beyond K), so that each panel is read in order. For
+// fixed weights (inference), packed once; with few tiles (conv4 and conv5 at batch 1), XLA's
+// matmul spends more time reading U, strided, than multiplying.
+template <int R>
+static inline void products_block(const float* v, const float* panel, float* m, int64_t C,
+                                  int64_t K, int64_t cols) {
+  v8 acc[R][2];
+  for (int r = 0; r < R; ++r) acc[r][0] = acc[r][1] = zero<v8>();
+  for (int64_t c = 0; c < C; ++c) {
+    const v8 b0 = ld<v8>(panel + 16 * c), b1 = ld<v8>(panel + 16 * c + 8);
+    for (int r = 0; r < R; ++r) {
+      const v8 a = zero<v8>() + v[r * C + c];
+      acc[r][0] += a * b0;
+      acc[r][1] += a * b1;
+    }
+  }
+  for (int r = 0; r < R; ++r) {
+    if (cols == 16) {
+      st<v8>(m + r * K, acc[r][0]);
+      st<v8>(m + r * K + 8, acc[r][1]);
+    } else {
+      float out[16];
+      st<v8>(out, acc[r][0]);
+      st<v8>(out + 8, acc[r][1]);
+      std::memcpy(m + r * K, out, cols * sizeof(float));
+    }
+  }
+}
+
+static ffi::Error ProductsImpl(ffi::ThreadPool pool, B3 v, B4 packed,
+                               ffi::ResultBuffer<ffi::F32, 3> m) {
+  const auto vd = v.dimensions(), pd = packed.dimensions(), md = m->dimensions();
+  const int64_t T = vd[1], C = vd[2], K = md[2], panels = pd[1];
+  if (vd[0] != 36 || pd[0] != 36 || pd[2] != C || pd[3] != 16 || panels != (K + 15) / 16)
+    return ffi::Error::InvalidArgument("wino_products: shapes do not chain");
+  const float* vp = v.typed_data();
+  const float* pp = packed.typed_data();
+  float* mp = m->typed_data();
+  // Items: (element, 48 rows, 16 panels): the rows' V stays in cache across the panels.
+  const int64_t tb = 48, kb = 16, nt = (T + tb - 1) / tb, nk = (panels + kb - 1) / kb;
+  parallel_for(pool, 36 * nt * nk, 1, [=](int64_t b, int64_t e) {
+    for (int64_t item = b; item < e; ++item) {
+      const int64_t el = item / (nt * nk), t0 = (item / nk) % nt * tb, p0 = item % nk * kb;
+      const int64_t rows = std::min(tb, T - t0);
+      for (int64_t p = p0; p < std::min(panels, p0 + kb); ++p) {
+        const float* ve = vp + (el * T + t0) * C;
+        const float* panel = pp + (el * panels + p) * C * 16;
+        float* me = mp + (el * T + t0) * K + 16 * p;
+        const int64_t cols = std::min<int64_t>(16, K - 16 * p);
+        int64_t r = 0;
+        for (; r + 6 <= rows; r += 6) products_block<6>(ve + r * C, panel, me + r * K, C, K, cols);
+        switch (rows - r) {
+          case 5: products_block<5>(ve + r * C, panel, me + r * K, C, K, cols); break;
+          case 4: products_block<4>(ve + r * C, panel, me + r * K, C, K, cols); break;
+          case 3: products_block<3>(ve + r * C, panel, me + r * K, C, K, cols); break;
+          case 2: products_block<2>(ve + r * C, panel, me + r * K, C, K, cols); break;
+          case 1: products_block<1>(ve + r * C, panel, me + r * K, C, K, cols); break;
+          default: break;
+        }
+      }
+    }
+  });
+  return ffi::Error::Success();
+}
+
+XLA_FFI_DEFINE_HANDLER_SYMBOL(WinoProducts, ProductsImpl,
+                              ffi::Ffi::Bind()
+                                  .Ctx<ffi::ThreadPool>()
+                                  .Arg<B3>()
+                                  .Arg<B4>()
+                                  .Ret<B3>());
 
 // ---------------------------------------------------------------- kernel transform
 // g[3,3,C,K] -> U[36,C,K], U[i*6+j] = (G g G^T)[i][j];  and its transpose dU -> dg = G^T dU G.

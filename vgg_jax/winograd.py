@@ -34,7 +34,8 @@ SOURCE = os.path.join(os.path.dirname(os.path.abspath(__file__)), 'winograd.cc')
 # Custom-call target -> the handler symbol winograd.cc exports.
 TARGETS = {'vgg_jax_wino_input': 'WinoInput', 'vgg_jax_wino_output': 'WinoOutput',
            'vgg_jax_wino_output_t': 'WinoOutputT', 'vgg_jax_wino_input_t': 'WinoInputT',
-           'vgg_jax_wino_kernel': 'WinoKernel', 'vgg_jax_wino_kernel_t': 'WinoKernelT'}
+           'vgg_jax_wino_kernel': 'WinoKernel', 'vgg_jax_wino_kernel_t': 'WinoKernelT',
+           'vgg_jax_wino_products': 'WinoProducts'}
 # Winograd's outputs and gradients differ from XLA's convolution by float32 rounding alone:
 # 2.4e-6 to 2.1e-5 of the largest value on every layer of net D at 224
 # (benchmarks/conv_algorithms.py); tests/test_winograd.py holds them to this bound.
@@ -49,8 +50,12 @@ WINOGRAD_MIN_CHANNELS = 16
 WINOGRAD_MIN_TILES = 100
 SMALL_KERNEL_CHANNELS = 64 * 64
 SMALL_KERNEL_MIN_TILES = 32
-# Not differentiated (inference), layers of small kernels and at least this many tiles take
-# XLA's convolution: see `conv_bias_relu`.
+# With U made beforehand (`transformed_kernels`), at least this many.
+TRANSFORMED_MIN_TILES = 16
+# U's panels of columns in `transformed_kernels` (winograd.cc's products).
+PANEL = 16
+# Not differentiated (inference), 'auto' takes XLA's convolution for small kernels over at
+# least this many tiles: see `forward_algorithm`.
 FORWARD_XLA_MIN_TILES = 1000
 
 _lock = threading.Lock()
@@ -168,9 +173,10 @@ def uses_winograd(algorithm: str, x_shape, kernel_shape, dtype,
     return True
   channels, features = kernel_shape[2:]
   tiles = _tiles(*x_shape[:3])
-  enough_tiles = tiles >= WINOGRAD_MIN_TILES or (
-      (transformed or channels * features <= SMALL_KERNEL_CHANNELS)
-      and tiles >= SMALL_KERNEL_MIN_TILES)
+  enough_tiles = (tiles >= WINOGRAD_MIN_TILES
+                  or (transformed and tiles >= TRANSFORMED_MIN_TILES)
+                  or (channels * features <= SMALL_KERNEL_CHANNELS
+                      and tiles >= SMALL_KERNEL_MIN_TILES))
   if (backend != 'cpu' or jnp.dtype(dtype) != jnp.float32
       or channels < WINOGRAD_MIN_CHANNELS or not enough_tiles):
     return False
@@ -204,8 +210,25 @@ def transformed_kernels(params: dict, algorithm: str, dtype) -> dict:
 
 @jax.jit
 def _transform_all(kernels: dict) -> dict:
-  return {name: kernel_transform(jnp.asarray(kernel, jnp.float32))
+  return {name: _packed(kernel_transform(jnp.asarray(kernel, jnp.float32)))
           for name, kernel in kernels.items()}
+
+
+def _packed(u: jax.Array) -> jax.Array:
+  """U (36, C, K) -> (36, ceil(K / 16), C, 16): panels of 16 columns, zero beyond K, the
+  layout `products` reads in order."""
+  channels, features = u.shape[1:]
+  padded = jnp.pad(u, ((0, 0), (0, 0), (0, -features % PANEL)))
+  return padded.reshape(36, channels, -1, PANEL).transpose(0, 2, 1, 3)
+
+
+def products(v: jax.Array, packed: jax.Array, features: int) -> jax.Array:
+  """V (36, tiles, C) and U packed (`_packed`) -> M (36, tiles, K): the 36 matmuls, in C++.
+
+  With few tiles (conv3 to conv5 at batch 1), XLA's matmul spends more reading U, strided,
+  than multiplying: 14 against 6.5 ms for conv5 at batch 1 (16 tiles, 512 x 512), 23 against
+  14 for conv4 (49 tiles), benchmarks/conv_algorithms.py."""
+  return _call('vgg_jax_wino_products', (36, v.shape[1], features), v, packed)
 
 
 def input_transform(x: jax.Array) -> jax.Array:
@@ -238,8 +261,12 @@ def _products(v: jax.Array, u: jax.Array) -> jax.Array:
 
 def _forward(x, kernel, bias, relu, transformed=None):
   v = input_transform(x)
-  u = kernel_transform(kernel, v) if transformed is None else transformed
-  y = output_transform(_products(v, u), bias, (*x.shape[:3], kernel.shape[-1]), relu)
+  if transformed is None:
+    u = kernel_transform(kernel, v)
+    m = _products(v, u)
+  else:
+    u, m = None, products(v, transformed, kernel.shape[-1])
+  y = output_transform(m, bias, (*x.shape[:3], kernel.shape[-1]), relu)
   return y, (v, u, y)
 
 
@@ -260,22 +287,35 @@ def _backward(relu, residuals, dy):
   return dx, dkernel, dy.sum((0, 1, 2)), None
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(3,))
+@functools.partial(jax.custom_vjp, nondiff_argnums=(3, 5))
 def conv_bias_relu(x: jax.Array, kernel: jax.Array, bias: jax.Array, relu: bool = True,
-                   transformed: Optional[jax.Array] = None) -> jax.Array:
+                   transformed: Optional[jax.Array] = None,
+                   forward: str = 'winograd') -> jax.Array:
   """A 3x3, stride-1, 'SAME' convolution (NHWC x HWIO), + bias, then ReLU if `relu`, by
   F(4x4, 3x3): XLA's `ops.conv(x, kernel) + bias` up to float32 rounding. float32 only.
 
-  `transformed`: `kernel`'s U, made beforehand for fixed weights (`transformed_kernels`), used
-  where the call is not differentiated. Differentiated, U is made from `kernel`, so gradients
-  never depend on it.
+  Where the call is not differentiated (inference), `transformed`, `kernel`'s U made
+  beforehand for fixed weights (`transformed_kernels`), replaces the kernel transform, and
+  `forward='xla'` (`forward_algorithm`) takes XLA's convolution instead. Differentiated, U is
+  made from `kernel`, so gradients never depend on `transformed`.
   """
-  if (kernel.shape[2] * kernel.shape[3] <= SMALL_KERNEL_CHANNELS
-      and _tiles(*x.shape[:3]) >= FORWARD_XLA_MIN_TILES):
+  if forward == 'xla':
     y = ops.conv(x, kernel) + bias
     return jax.nn.relu(y) if relu else y
   return _forward(x, kernel, bias, relu, transformed)[0]
 
 
-conv_bias_relu.defvjp(lambda x, kernel, bias, relu, transformed: _forward(x, kernel, bias, relu),
-                      _backward)
+conv_bias_relu.defvjp(
+    lambda x, kernel, bias, relu, transformed, forward: _forward(x, kernel, bias, relu),
+    lambda relu, forward, residuals, dy: _backward(relu, residuals, dy))
+
+
+def forward_algorithm(algorithm: str, x_shape, kernel_shape) -> str:
+  """How `conv_bias_relu` computes a layer that `uses_winograd` where it is not
+  differentiated: with 'auto', XLA's convolution for kernels of at most SMALL_KERNEL_CHANNELS
+  over at least FORWARD_XLA_MIN_TILES tiles (conv1_2 at 224), whose matmuls save little while
+  the transforms stream V and M, 2.25x the input and output, through memory; in training,
+  Winograd's gradients still win there (BENCHMARKS.md)."""
+  small = kernel_shape[2] * kernel_shape[3] <= SMALL_KERNEL_CHANNELS
+  many_tiles = _tiles(*x_shape[:3]) >= FORWARD_XLA_MIN_TILES
+  return 'xla' if algorithm == 'auto' and small and many_tiles else 'winograd'
