@@ -202,22 +202,6 @@ def test_auto_takes_winograd_only_where_it_was_measured_faster_on_the_cpu():
     winograd.uses_winograd('fast', (8, 56, 56, 256), (3, 3, 256, 256), jnp.float32, 'cpu')
 
 
-def test_auto_keeps_xla_in_the_forward_of_small_kernels_over_many_tiles_and_not_in_training():
-  x, kernel, bias = jnp.ones((1, 128, 128, 16)), jnp.ones((3, 3, 16, 16)), jnp.zeros(16)
-  assert winograd.uses_winograd('auto', x.shape, kernel.shape, jnp.float32, 'cpu')
-  assert winograd.forward_algorithm('auto', x.shape, kernel.shape) == 'xla'  # 1,024 tiles.
-  assert winograd.forward_algorithm('winograd', x.shape, kernel.shape) == 'winograd'
-  assert winograd.forward_algorithm('auto', (1, 124, 124, 16), kernel.shape) == 'winograd'
-  assert winograd.forward_algorithm('auto', x.shape, (3, 3, 64, 128)) == 'winograd'
-
-  model = models.Conv(16, 3, relu=True)
-  params = model.init(jax.random.key(0), x)
-  forward = str(jax.make_jaxpr(model.apply)(params, x))
-  assert 'conv_general_dilated' in forward and 'vgg_jax_wino' not in forward
-  trained = str(jax.make_jaxpr(jax.grad(lambda p: model.apply(p, x).sum()))(params))
-  assert 'vgg_jax_wino_output_t' in trained and 'conv_general_dilated' not in trained
-
-
 @pytest.mark.parametrize('dtype, why', [('bfloat16', 'runs float32 on the CPU, not bfloat16')])
 def test_winograd_in_another_dtype_is_a_one_line_config_error(dtype, why):
   config = digits.get_config()

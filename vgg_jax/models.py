@@ -137,8 +137,7 @@ class Conv(nn.Module):
     transformed = self.get_variable(WINOGRAD, 'kernel')
     if winograd.uses_winograd(self.conv_algorithm, x.shape, kernel.shape, x.dtype,
                               transformed=transformed is not None):
-      forward = winograd.forward_algorithm(self.conv_algorithm, x.shape, kernel.shape)
-      return winograd.conv_bias_relu(x, kernel, bias, self.relu, transformed, forward)
+      return winograd.conv_bias_relu(x, kernel, bias, self.relu, transformed)
     flops = 2 * math.prod(x.shape[:-1]) * kernel.size
     conv = (ops.conv_matmul_weight_grad if ops.uses_matmul_weight_grad(self.weight_grad, flops)
             else ops.conv)

@@ -28,8 +28,6 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from vgg_jax import ops
-
 SOURCE = os.path.join(os.path.dirname(os.path.abspath(__file__)), 'winograd.cc')
 # Custom-call target -> the handler symbol winograd.cc exports.
 TARGETS = {'vgg_jax_wino_input': 'WinoInput', 'vgg_jax_wino_output': 'WinoOutput',
@@ -54,9 +52,6 @@ SMALL_KERNEL_MIN_TILES = 32
 TRANSFORMED_MIN_TILES = 16
 # U's panels of columns in `transformed_kernels` (winograd.cc's products).
 PANEL = 16
-# Not differentiated (inference), 'auto' takes XLA's convolution for small kernels over at
-# least this many tiles: see `forward_algorithm`.
-FORWARD_XLA_MIN_TILES = 1000
 
 _lock = threading.Lock()
 
@@ -287,35 +282,18 @@ def _backward(relu, residuals, dy):
   return dx, dkernel, dy.sum((0, 1, 2)), None
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(3, 5))
+@functools.partial(jax.custom_vjp, nondiff_argnums=(3,))
 def conv_bias_relu(x: jax.Array, kernel: jax.Array, bias: jax.Array, relu: bool = True,
-                   transformed: Optional[jax.Array] = None,
-                   forward: str = 'winograd') -> jax.Array:
+                   transformed: Optional[jax.Array] = None) -> jax.Array:
   """A 3x3, stride-1, 'SAME' convolution (NHWC x HWIO), + bias, then ReLU if `relu`, by
   F(4x4, 3x3): XLA's `ops.conv(x, kernel) + bias` up to float32 rounding. float32 only.
 
-  Where the call is not differentiated (inference), `transformed`, `kernel`'s U made
-  beforehand for fixed weights (`transformed_kernels`), replaces the kernel transform, and
-  `forward='xla'` (`forward_algorithm`) takes XLA's convolution instead. Differentiated, U is
-  made from `kernel`, so gradients never depend on `transformed`.
+  `transformed`: `kernel`'s U made beforehand for fixed weights (`transformed_kernels`), used
+  where the call is not differentiated (inference) in place of the kernel transform.
+  Differentiated, U is made from `kernel`, so gradients never depend on it.
   """
-  if forward == 'xla':
-    y = ops.conv(x, kernel) + bias
-    return jax.nn.relu(y) if relu else y
   return _forward(x, kernel, bias, relu, transformed)[0]
 
 
 conv_bias_relu.defvjp(
-    lambda x, kernel, bias, relu, transformed, forward: _forward(x, kernel, bias, relu),
-    lambda relu, forward, residuals, dy: _backward(relu, residuals, dy))
-
-
-def forward_algorithm(algorithm: str, x_shape, kernel_shape) -> str:
-  """How `conv_bias_relu` computes a layer that `uses_winograd` where it is not
-  differentiated: with 'auto', XLA's convolution for kernels of at most SMALL_KERNEL_CHANNELS
-  over at least FORWARD_XLA_MIN_TILES tiles (conv1_2 at 224), whose matmuls save little while
-  the transforms stream V and M, 2.25x the input and output, through memory; in training,
-  Winograd's gradients still win there (BENCHMARKS.md)."""
-  small = kernel_shape[2] * kernel_shape[3] <= SMALL_KERNEL_CHANNELS
-  many_tiles = _tiles(*x_shape[:3]) >= FORWARD_XLA_MIN_TILES
-  return 'xla' if algorithm == 'auto' and small and many_tiles else 'winograd'
+    lambda x, kernel, bias, relu, transformed: _forward(x, kernel, bias, relu), _backward)
