@@ -1,6 +1,7 @@
 // F(4x4, 3x3) Winograd transforms (Lavin & Gray, CVPR 2016) for VGG's 3x3, stride-1, SAME
 // convolutions: NHWC, float32, as XLA FFI custom calls on the CPU. The 36 matmuls between
-// the transforms stay XLA's. Compiled and registered by vgg_jax/winograd.py.
+// the transforms stay XLA's, except with kernels transformed beforehand for inference
+// (wino_products). Compiled and registered by vgg_jax/winograd.py.
 //
 //   wino_input     x[N,H,W,C]          -> V[36,T,C]    V[i*6+j] = (B^T d B)[i][j]
 //   wino_output    M[36,T,K], bias[K]  -> y[N,H,W,K]   y = A^T m A (+ bias) (ReLU): mode 0/1/2

@@ -10,7 +10,9 @@ system's C++ compiler on first use and cached per source, jax version and CPU. T
 kernel gradients are computed in the Winograd domain too (dV = dM U^T, dU = V^T dM).
 
 `models.Conv` takes this path as `config.conv_algorithm` says (`uses_winograd`); where no
-compiler is found, 'auto' keeps XLA's convolution and says so once.
+compiler is found, 'auto' keeps XLA's convolution and says so once. For fixed weights
+(`vgg_jax.features`, `predict`), the kernels are transformed once beforehand
+(`transformed_kernels`) and multiplied by a C++ kernel of their own (`products`).
 """
 
 import ctypes
