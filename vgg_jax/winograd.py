@@ -193,8 +193,8 @@ def _call(target: str, shape, *args, **attributes) -> jax.Array:
 
 
 def transformed_kernels(params: dict, algorithm: str, dtype) -> dict:
-  """{layer: {'kernel': U}} for the 3x3 layers of a parameter tree that `uses_winograd` may
-  compute so, for nets whose weights stay fixed (inference, evaluation): passed to
+  """{layer: {'kernel': U packed}} for the 3x3 layers of a parameter tree that `uses_winograd`
+  may compute so, for nets whose weights stay fixed (inference): passed to
   `model.apply` as the 'winograd' collection, they spare each call the kernel transforms, and
   layers with few tiles (conv4 and conv5 at batch 1) then gain too. {} where no layer can."""
   def candidate(kernel):  # At a size with tiles enough.
@@ -222,9 +222,9 @@ def _packed(u: jax.Array) -> jax.Array:
 def products(v: jax.Array, packed: jax.Array, features: int) -> jax.Array:
   """V (36, tiles, C) and U packed (`_packed`) -> M (36, tiles, K): the 36 matmuls, in C++.
 
-  With few tiles (conv3 to conv5 at batch 1), XLA's matmul spends more reading U, strided,
-  than multiplying: 14 against 6.5 ms for conv5 at batch 1 (16 tiles, 512 x 512), 23 against
-  14 for conv4 (49 tiles), benchmarks/conv_algorithms.py."""
+  With few tiles (conv3 to conv5 at batch 1), XLA's batched matmul spends more time reading
+  U, strided, than multiplying; this kernel reads each panel in order. With many tiles XLA's
+  is the faster (conv2 and conv3 at batch 8: BENCHMARKS.md, benchmarks/conv_algorithms.py)."""
   return _call('vgg_jax_wino_products', (36, v.shape[1], features), v, packed)
 
 
