@@ -421,3 +421,14 @@ def test_training_from_a_data_dir_arrayrecord_cannot_open_copies_the_train_split
             if '.array_record-' in name]
   assert sorted(map(os.path.basename, copied)) == [
       random_access.twin_name(s) for s in train_shards(twinned)]
+
+
+def test_a_dataset_stored_as_array_record_alone_is_refused_naming_the_format(digits_config,
+                                                                             tmp_path):
+  """tfds cannot stream ArrayRecord for evaluation: say so before training, not after."""
+  config = digits_config.copy_and_resolve_references()
+  config.data_dir = str(tmp_path / 'tfds')
+  tfds.builder('sklearn_digits', data_dir=config.data_dir).download_and_prepare(
+      file_format='array_record')
+  with pytest.raises(errors.ConfigError, match=r'config.data_dir=.*stored there as array_record'):
+    input_pipeline.get_builder(config)
