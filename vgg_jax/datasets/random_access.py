@@ -77,7 +77,11 @@ class TwinWriter(tfds.core.ExampleWriter):
 
   def write(self, path, examples):
     name = os.path.basename(os.fspath(path))
-    if tfds.core.naming.FilenameInfo.from_str(name).split not in self.splits:
+    try:
+      split = tfds.core.naming.FilenameInfo.from_str(name).split
+    except ValueError:  # A builder's own file names: no twin, the split is copied if need be.
+      split = None
+    if split not in self.splits:
       return super().write(path, examples)
     twin = _writer(os.path.join(os.path.dirname(os.fspath(path)), twin_name(name)))
 
