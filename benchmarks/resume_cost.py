@@ -6,7 +6,7 @@ The split: --records JPEG records (200,000 by default) of 500 x 375 / 375 x 500 
 by scikit-image and scikit-learn; written once as a tfds dataset under --root (git-ignored
 workdirs/ by default, never committed). Side by side, in turns, on the same files:
   * random access, vgg_jax's reader (`input_pipeline.train_dataset`): epoch e is a permutation
-    of the split by (seed, e), read by index from ArrayRecord copies of the shards, so a
+    of the split by (seed, e), read by index from ArrayRecord twins of the shards, so a
     resumed run starts reading at its step;
   * sequential, the reader it replaced (vgg_jax up to commit 0c2412e, re-created below): the
     shards in stored order through a 16,384-example shuffle buffer, then `skip` to the resume
@@ -152,7 +152,7 @@ def main(argv):
   builder = input_pipeline.get_builder(config)
   prepared_s = time.perf_counter() - start
   start = time.perf_counter()
-  input_pipeline.random_access_source(builder, config.train_split)
+  input_pipeline.train_records(builder, config)
   array_record_s = time.perf_counter() - start
   sizes = input_pipeline.train_sizes(builder, config)
   resume_step = int(FLAGS.resume_at * sizes.steps_per_epoch)
@@ -169,8 +169,9 @@ def main(argv):
   print(f'{FLAGS.records:,} records, {split_bytes / FLAGS.records / 1e3:.0f} KB each '
         f'({split_bytes / 1e9:.1f} GB); batch {config.batch_size}, {sizes.steps_per_epoch} steps '
         f'per epoch, resume at step {resume_step}; {os.cpu_count()} cores, {platform.machine()}; '
-        f'jax {jax.__version__}, tensorflow {tf.__version__}. Written once: tfds {prepared_s:.0f} '
-        f's (0 if already there), ArrayRecord copy {array_record_s:.0f} s (0 if already there).')
+        f'jax {jax.__version__}, tensorflow {tf.__version__}. Written once: tfds, with ArrayRecord '
+        f'twins of the train shards, {prepared_s:.0f} s (0 if already there); finding the twins '
+        f'whole {array_record_s:.1f} s.')
   print()
   print('| reader | first batch, step 0 (s) | first batch, resumed (s) | resumed / step 0 | '
         'img/s after the first batch |')

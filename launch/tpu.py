@@ -6,13 +6,14 @@
 
 A pod slice is several hosts (a v4-32 has 4, each with 4 chips); every host runs the same
 command (`--worker=all`) and main's `jax.distributed.initialize()` finds the others by itself.
-Each host reads its own shard of the data. Checkpoints are written by all hosts together, so
-the workdir must be storage they share: a gs:// bucket. The code reaches the hosts as a copy
-of this checkout (`gcloud ... scp --recurse`) or, with --repo_url, a git clone. Each run's
-console output is kept in REMOTE_DIR/logs on every host and copied back from worker 0 into
---logs_dir, with the workdir itself if it is not on GCS. The VM is deleted at the end, also
-after a failure or Ctrl-C, unless --keep. --dry-run prints the commands, one per line (NAME
-and ZONE standing for a missing --name or --zone).
+Each host reads its own shard of the data; the training split, which ArrayRecord cannot read on
+gs://, is copied once into each host's --config.random_access_dir (docs/pods.md). Checkpoints
+are written by all hosts together, so the workdir must be storage they share: a gs:// bucket.
+The code reaches the hosts as a copy of this checkout (`gcloud ... scp --recurse`) or, with
+--repo_url, a git clone. Each run's console output is kept in REMOTE_DIR/logs on every host and
+copied back from worker 0 into --logs_dir, with the workdir itself if it is not on GCS. The VM
+is deleted at the end, also after a failure or Ctrl-C, unless --keep. --dry-run prints the
+commands, one per line (NAME and ZONE standing for a missing --name or --zone).
 """
 
 import os

@@ -36,6 +36,8 @@ def digits_config(tmp_path_factory):
   from vgg_jax import input_pipeline  # pylint: disable=g-import-not-at-top
   config = digits.get_config()
   config.data_dir = str(tmp_path_factory.mktemp('tensorflow_datasets'))
+  # Never the user's cache, should a test need a copy of a split to read by index.
+  config.random_access_dir = str(tmp_path_factory.mktemp('random_access'))
   input_pipeline.get_builder(config)
   return config
 

@@ -5,8 +5,10 @@ constants written out, scikit-learn's own digits and split, binomial and chi-squ
 """
 
 import collections
+import hashlib
 import math
 import os
+import shutil
 
 import jax
 import jax.numpy as jnp
@@ -19,11 +21,13 @@ from scipy import stats
 import tensorflow as tf
 import tensorflow_datasets as tfds
 
+from experiments.mini import config as mini
 from vgg_jax import errors
 from vgg_jax import input_pipeline
 from vgg_jax import preprocess
 from vgg_jax import protocol
 from vgg_jax import steps
+from vgg_jax.datasets import random_access
 
 NUM_DEVICES = 8
 IMAGE_SIZE = 224
@@ -515,6 +519,52 @@ def test_train_seed_changes_the_stream(builder, train_stream):
   other = config_copy(config, seed=config.seed + 1)
   batch = take(input_pipeline.train_dataset(builder, other), 1)[0]
   assert not np.array_equal(batch['image'], reference[0]['image'])
+
+
+# The global training batches of seed 0 at the given steps: the first 16 hex digits of sha256
+# over the images' bytes then the labels', as vgg_jax computed them at 51df392, reading each
+# split from ArrayRecord copies that training wrote beside its shards. The published runs
+# (README, docs/reproduction.md) trained on these batches.
+PUBLISHED_BATCHES = {
+    'sklearn_digits': {0: '8baa1bbac0ed1a89', 1: '3ab9a18e48d9bc77', 2: '0c61d196a4f630ae',
+                       21: '72ec8e6563d9c578', 22: '640451d1651b09c9', 23: 'ff23ea082f9d7659'},
+    'scaled_digits': {0: '787d9bef9a3c3b84', 1: '3ee9de6b3d031f5e', 88: 'a8f29fcbca7fd90a',
+                      89: '4ab0dbc1c032573e'},
+}
+
+
+def batch_digest(batch) -> str:
+  digest = hashlib.sha256(np.ascontiguousarray(batch['image']).tobytes())
+  digest.update(np.ascontiguousarray(batch['label']).tobytes())
+  return digest.hexdigest()[:16]
+
+
+@pytest.mark.parametrize('dataset,where', [
+    ('sklearn_digits', 'twins'), ('sklearn_digits', 'copy'),
+    pytest.param('scaled_digits', 'twins', marks=pytest.mark.slow)])  # Prepared: 10-30 s.
+def test_global_batches_of_seed_0_are_the_published_ones(digits_config, tmp_path, dataset,
+                                                         where):
+  """Bitwise, whether the split is read from twins written at preparation or from a copy
+  (a dataset prepared as TFRecord alone): the stream crosses the first epoch's end."""
+  if dataset == 'sklearn_digits':
+    config = config_copy(digits_config, seed=0)
+  else:  # The miniature's dataset and training scales (docs/reproduction.md).
+    config = mini.get_config('D,S=36-72')
+    config.update(data_dir=str(tmp_path / 'tfds'), seed=0)
+  builder = input_pipeline.get_builder(config)
+  if where == 'copy':  # The dataset as tfds alone prepares it: no twins.
+    shutil.copytree(builder.data_dir_root, tmp_path / 'plain')
+    for name in os.listdir(tmp_path / 'plain' / dataset / '1.0.0'):
+      if '.array_record-' in name:
+        os.remove(tmp_path / 'plain' / dataset / '1.0.0' / name)
+    config.update(data_dir=str(tmp_path / 'plain'), random_access_dir=str(tmp_path / 'copies'))
+    builder = input_pipeline.get_builder(config)
+  digests = {step: batch_digest(take(input_pipeline.train_dataset(builder, config, step), 1)[0])
+             for step in PUBLISHED_BATCHES[dataset]}
+  assert digests == PUBLISHED_BATCHES[dataset]
+  read_from = random_access.location(builder, config.train_split, config.random_access_dir)
+  assert read_from == (builder.data_dir if where == 'twins'
+                       else random_access.copy_dir(builder, config.random_access_dir))
 
 
 def test_each_train_epoch_draws_each_example_at_most_once(digits_config, builder, stored_examples):

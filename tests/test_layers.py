@@ -3,11 +3,16 @@ without cycles, and TensorFlow stays in the input pipeline. Read from the source
 function-local imports included, so nothing is imported to check it."""
 
 import ast
+import configparser
+import importlib.metadata
 import os
+import re
+import sys
 
 import pytest
 
-PACKAGE = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), 'vgg_jax')
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+PACKAGE = os.path.join(REPO, 'vgg_jax')
 
 # Bottom to top. 0: pure Python every layer may use; 1: the paper (Table 1, Sec. 3.2's rules,
 # normalisation) and the kernels the net runs on; 2: steps and data; 3: state and evaluation;
@@ -18,7 +23,7 @@ LAYERS = {
     'steps': 2, 'input_pipeline': 2, 'datasets': 2,
     'checkpoints': 3, 'run_files': 3, 'init_from': 3, 'evaluation': 3, 'report': 3, 'config_validation': 3,
     'train': 4, 'evaluate': 4, 'inference': 4, 'convert': 4, 'summary': 4, 'plots': 4,
-    'linear_probe': 4,
+    'linear_probe': 4, 'prepare': 4,
     'main': 5, '__init__': 5,
 }
 PAPER = ('models', 'ops', 'protocol', 'preprocess')
@@ -26,6 +31,8 @@ TENSORFLOW = ('tensorflow', 'tensorflow_datasets')
 # The modules that may import TensorFlow: the input pipeline, its datasets, and the CLI set-up
 # that hides the accelerators from it.
 TENSORFLOW_USERS = ('input_pipeline', 'datasets', 'cli')
+# Imported only where a user asks for it, with an error saying what to install.
+OPTIONAL = {'torch': 'convert.load_torch_file'}
 
 
 def module_names() -> list[str]:
@@ -146,3 +153,25 @@ def test_flags_are_defined_at_import_only_by_the_entry_point(module):
 def test_the_checker_reads_function_local_imports():
   """The rules above see imports inside functions too: convert imports checkpoints lazily."""
   assert 'vgg_jax.checkpoints' in imports('convert')
+
+
+def _normalized(name: str) -> str:
+  return re.sub(r'[-_.]+', '-', name).lower()
+
+
+def test_every_package_vgg_jax_imports_is_declared_in_setup_cfg():
+  """`pip install vgg_jax` brings what it imports; a package that arrives only with another
+  (array_record with tensorflow-datasets, on some platforms) is declared too."""
+  setup = configparser.ConfigParser()
+  setup.read(os.path.join(REPO, 'setup.cfg'))
+  declared = {_normalized(re.match(r'[A-Za-z0-9_.-]+', line.strip()).group())
+              for line in setup['options']['install_requires'].strip().splitlines()}
+  distributions = importlib.metadata.packages_distributions()
+  undeclared = {}
+  for module in module_names():
+    for name in imports(module):
+      if name.startswith('vgg_jax') or name in sys.stdlib_module_names or name in OPTIONAL:
+        continue
+      if not {_normalized(d) for d in distributions.get(name, [name])} & declared:
+        undeclared.setdefault(name, []).append(module)
+  assert not undeclared, f'imported but not in setup.cfg install_requires: {undeclared}'

@@ -1,5 +1,6 @@
 """Checks a config before anything is read or compiled; each error names the field and value."""
 
+from vgg_jax import default_config
 from vgg_jax import errors
 from vgg_jax import init_from
 from vgg_jax import models
@@ -12,6 +13,14 @@ from vgg_jax import winograd
 
 def _fail(field: str, value, why: str):
   raise errors.ConfigError(f'config.{field}={value!r}: {why}')
+
+
+def check_random_access_dir(config) -> None:
+  """config.random_access_dir must be a path ArrayRecord can open (None: the default)."""
+  directory = config.get('random_access_dir')
+  if directory is not None and not default_config.is_local_path(directory):
+    _fail('random_access_dir', directory, 'ArrayRecord reads and writes local files only: use '
+          'a local directory, or one every host mounts (e.g. NFS).')
 
 
 def validate(config, num_devices: int) -> None:
@@ -45,6 +54,7 @@ def validate(config, num_devices: int) -> None:
   if config.get('channel_order', 'RGB') not in preprocess.CHANNEL_ORDERS:
     _fail('channel_order', config.channel_order,
           f'expected one of {", ".join(preprocess.CHANNEL_ORDERS)}.')
+  check_random_access_dir(config)
   smin, _ = protocol.scale_bounds(config.train_scale)
   size = config.image_size
   if size <= 0 or size % models.DOWNSAMPLING:

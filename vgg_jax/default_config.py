@@ -3,6 +3,7 @@
 Other experiment files start from `get_config()` here and override only what differs.
 """
 
+import os
 from typing import Optional
 
 import ml_collections
@@ -15,6 +16,19 @@ TRAINING_SCALES = {'S=256': 256, 'S=384': 384, 'S=256-512': (256, 512)}
 def dataset_name(dataset: str) -> str:
   """The tfds name in config.dataset ('NAME[/CONFIG][:VERSION]'), e.g. 'imagenet2012'."""
   return dataset.split(':')[0].split('/')[0]
+
+
+def cache_dir() -> str:
+  """vgg_jax's per-user cache ($XDG_CACHE_HOME/vgg_jax, else ~/.cache/vgg_jax): compiled
+  kernels, and the default config.random_access_dir."""
+  base = os.environ.get('XDG_CACHE_HOME') or os.path.join(os.path.expanduser('~'), '.cache')
+  return os.path.join(base, 'vgg_jax')
+
+
+def is_local_path(path: str) -> bool:
+  """Whether `path` is a file system path rather than a URL (gs://...): ArrayRecord opens
+  only those."""
+  return '://' not in os.fspath(path)
 
 
 def set_training_scale(config: ml_collections.ConfigDict, arg: Optional[str]) -> None:
@@ -69,6 +83,13 @@ def get_config(arg: Optional[str] = None) -> ml_collections.ConfigDict:
   config.dataset = 'imagenet2012'  # Any tfds image-classification dataset.
   config.data_dir = config_dict.placeholder(str)  # tfds data_dir; None: tfds' default.
   config.manual_dir = config_dict.placeholder(str)  # Where the ILSVRC-2012 tar files are.
+  # Where training keeps a copy of the train split, which it reads by index (ArrayRecord), for a
+  # dataset without ArrayRecord twins beside its shards: one prepared elsewhere, read-only, or
+  # on gs:// (vgg_jax writes twins when it prepares a dataset on a local data_dir). Written once,
+  # by the first run or `python -m vgg_jax.prepare`, about the split's size; never in data_dir.
+  # A local or mounted path (ArrayRecord reads no gs://); one every host mounts (NFS) holds one
+  # copy for all. None: ~/.cache/vgg_jax/random_access, on each host.
+  config.random_access_dir = config_dict.placeholder(str)
   config.train_split = 'train'
   config.eval_split = 'validation'
   config.image_size = 224  # Training crop: a multiple of 32, at most Smin.

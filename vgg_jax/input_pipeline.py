@@ -14,13 +14,11 @@ part of each global batch; batches come shaped (local_devices, per_device_batch,
 
 import dataclasses
 import difflib
-import json
 import math
 import os
 from typing import Iterator, Optional
 
 from absl import logging
-from array_record.python import array_record_module
 import jax
 import numpy as np
 import tensorflow as tf
@@ -31,6 +29,7 @@ from vgg_jax import default_config
 from vgg_jax import errors
 from vgg_jax import protocol
 from vgg_jax.datasets import image_folder
+from vgg_jax.datasets import random_access
 
 IMAGENET_ARCHIVES = ('ILSVRC2012_img_train.tar', 'ILSVRC2012_img_val.tar')
 
@@ -62,8 +61,21 @@ def get_builder(config) -> tfds.core.DatasetBuilder:
     if default_config.dataset_name(config.dataset) == 'imagenet2012':
       check_imagenet_archives(config.manual_dir, builder)
       download_config = tfds.download.DownloadConfig(manual_dir=config.manual_dir)
-    builder.download_and_prepare(download_config=download_config)
+    random_access.prepare(builder, random_access.split_names(config.train_split),
+                          download_config)
+  check_tfrecord(builder)
   return builder
+
+
+def check_tfrecord(builder) -> None:
+  """Raises unless the dataset is stored as TFRecord: evaluation streams it with tfds'
+  `as_dataset`, which reads no ArrayRecord, so a dataset stored only so would fail there."""
+  stored = builder.info.file_format
+  if stored not in (None, tfds.core.FileFormat.TFRECORD):
+    raise errors.ConfigError(
+        f'config.data_dir={builder.data_dir_root!s}: {builder.name} is stored there as '
+        f'{stored.value}, which tfds cannot stream for evaluation; prepare it with tfds\' '
+        'default format (TFRecord), e.g. into another --config.data_dir.')
 
 
 def check_imagenet_archives(manual_dir: Optional[str], builder) -> None:
@@ -118,51 +130,17 @@ def train_sizes(builder, config) -> Sizes:
   return Sizes(local_batch, local_batch // jax.local_device_count(), examples // config.batch_size)
 
 
-ARRAY_RECORD = 'array_record'
-
-
-def random_access_source(builder, split: str):
-  """The serialized examples of `split`, indexable: `source[i]`, `source.__getitems__(ids)`.
+def train_records(builder, config):
+  """The serialized examples of `config.train_split`, indexable: `records[i]`,
+  `records.__getitems__(ids)`, in the order tfds stores them.
 
   Training reads the split in a seeded permutation (`train_dataset`), so a resumed run must
   read example i without reading the ones before it, which TFRecord, read front to back, cannot
-  do. tfds serves ArrayRecord files by index (`as_data_source`); a dataset prepared as TFRecord
-  (tfds's default, and what every dataset prepared before holds) gets ArrayRecord copies of its
-  shards once (`_add_array_record`), so evaluation keeps reading the TFRecord shards.
+  do: the records come from ArrayRecord twins of the shards, written beside them when vgg_jax
+  prepared the dataset, else from a copy in `config.random_access_dir`, written by the first
+  run that needs it (`random_access`). The dataset's directory is never written here.
   """
-  _add_array_record(builder.data_dir)
-  reader = tfds.builder_from_directory(builder.data_dir)  # Its own DatasetInfo, switched below.
-  return reader.as_data_source(split, file_format=ARRAY_RECORD,
-                               deserialize_method=tfds.decode.DeserializeMethod.RAW_BYTES)
-
-
-def _add_array_record(data_dir: str) -> None:
-  """Writes an ArrayRecord copy of each TFRecord shard in `data_dir`, the same records in the
-  same order, and lists the format in dataset_info.json: what `tfds convert_format` does,
-  which needs Apache Beam. Each file appears whole (written aside, then renamed), so processes
-  that share a data_dir may all run this."""
-  info_path = os.path.join(data_dir, 'dataset_info.json')
-  with tf.io.gfile.GFile(info_path) as f:
-    info = json.load(f)
-  formats = [info.get('fileFormat', 'tfrecord'), *info.get('alternativeFileFormats', [])]
-  if ARRAY_RECORD in formats:
-    return
-  shards = sorted(tf.io.gfile.glob(os.path.join(data_dir, '*.tfrecord-*-of-*')))
-  logging.info('Writing an ArrayRecord copy of %d TFRecord shards in %s, once: training reads '
-               'examples by index.', len(shards), data_dir)
-  for shard in shards:
-    name = os.path.basename(shard).replace('.tfrecord-', f'.{ARRAY_RECORD}-')
-    path, partial = os.path.join(data_dir, name), os.path.join(data_dir, f'.{name}.{os.getpid()}')
-    writer = array_record_module.ArrayRecordWriter(partial, 'group_size:1')
-    for record in tf.data.TFRecordDataset(shard).as_numpy_iterator():
-      writer.write(record)
-    writer.close()
-    tf.io.gfile.rename(partial, path, overwrite=True)
-  info['alternativeFileFormats'] = [*info.get('alternativeFileFormats', []), ARRAY_RECORD]
-  partial = f'{info_path}.{os.getpid()}'
-  with tf.io.gfile.GFile(partial, 'w') as f:
-    json.dump(info, f, indent=2)
-  tf.io.gfile.rename(partial, info_path, overwrite=True)
+  return random_access.source(builder, config.train_split, config.get('random_access_dir'))
 
 
 # ---------------------------------------------------------------------------------------------
@@ -331,14 +309,14 @@ def train_dataset(builder, config, start_step: int = 0) -> tf.data.Dataset:
   Epoch e visits the split in the permutation `index_shuffle(., seed=(seed, e))` of all its
   examples, a uniform draw computed per position, with nothing stored or read ahead: global
   batch k of the epoch holds positions [kB, (k+1)B), and process p reads its B/P of them by
-  index (`random_access_source`). Each example's S, crop and flip are drawn from (seed, e, its
+  index (`train_records`). Each example's S, crop and flip are drawn from (seed, e, its
   position). So a run resumed at any step reads from there on, and 1 x 8 devices and 2 x 4
   train on the same global batches. The last partial batch of an epoch is not used.
   """
   sizes = train_sizes(builder, config)
   image_key, label_key = supervised_keys(builder)
   features = builder.info.features
-  records = random_access_source(builder, config.train_split)
+  records = train_records(builder, config)
   last_index = tf.constant(len(records) - 1, tf.int64)
   first = jax.process_index() * sizes.local_batch
   transform = dict(scale=protocol.scale_bounds(config.train_scale),

@@ -209,6 +209,7 @@ def preflight(config, workdir: str) -> Plan:
         f'config.num_classes={config.num_classes}: {config.dataset} has {dataset_classes} '
         f'classes; set --config.num_classes={dataset_classes}.')
   sizes = input_pipeline.train_sizes(builder, config)
+  input_pipeline.train_records(builder, config)  # Writes the copy it reads by index, if need be.
   if not resuming and config.get('init_from'):
     init_from.check_init_from(config)
   check_workdir(workdir)

@@ -30,6 +30,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from vgg_jax import default_config
+
 SOURCE = os.path.join(os.path.dirname(os.path.abspath(__file__)), 'winograd.cc')
 # Custom-call target -> the handler symbol winograd.cc exports.
 TARGETS = {'vgg_jax_wino_input': 'WinoInput', 'vgg_jax_wino_output': 'WinoOutput',
@@ -59,8 +61,7 @@ _lock = threading.Lock()
 
 
 def _cache_folder() -> str:
-  base = os.environ.get('XDG_CACHE_HOME') or os.path.join(os.path.expanduser('~'), '.cache')
-  folder = os.path.join(base, 'vgg_jax')
+  folder = default_config.cache_dir()
   try:
     os.makedirs(folder, exist_ok=True)
   except OSError:

@@ -4,11 +4,11 @@ ROOT/<split>/<class>/<image files>, e.g. ROOT/train/cat/1.jpg and ROOT/val/dog/x
 subdirectory of ROOT that holds class directories is a split; the classes are the sorted class
 directories of `train` (else of the first split), and every other split uses them or a subset.
 
-The folder is prepared once, like any tfds dataset, into TFRecords under the tfds data_dir, then
-read by the same `builder.as_dataset` / `tfds.split_for_jax_process` / tf.data code as ImageNet,
-so sharding across hosts and resumption behave identically. Preparation is where bad data is
-dealt with, once and by name: each file is fully decoded with Pillow, then kept byte for byte,
-converted to something `tf.io.decode_image` reads as the paper's RGB input, or skipped.
+The folder is prepared once, like any tfds dataset, into TFRecords (with ArrayRecord twins of the
+train split's shards, `random_access`) under the tfds data_dir, then read by the same code as
+ImageNet, so sharding across hosts and resumption behave identically. Preparation is where bad
+data is dealt with, once and by name: each file is fully decoded with Pillow, then kept byte for
+byte, converted to something `tf.io.decode_image` reads as the paper's RGB input, or skipped.
 Truncated, empty and non-image files are skipped; CMYK, transparent, 16-bit, oversized and
 non-JPEG/PNG/GIF/BMP images are converted. Grey and small images are kept: the input pipeline
 repeats grey to RGB and rescales the smallest side up to S. The names of the skipped and
@@ -39,6 +39,7 @@ import tensorflow as tf
 import tensorflow_datasets as tfds
 
 from vgg_jax import errors
+from vgg_jax.datasets import random_access
 
 
 PREFIX = 'folder:'
@@ -479,12 +480,11 @@ def prepared_builder(config) -> ImageFolder:
   if builder.is_prepared():
     _log_prepared(builder)
   else:
-    builder.download_and_prepare()
+    random_access.prepare(builder, random_access.split_names(config.get('train_split')))
   splits = builder.info.splits.keys()
   for field in ('train_split', 'eval_split'):
     spec = config.get(field)
-    names = [part.split('[')[0].strip() for part in (spec or '').split('+')]
-    missing = [name for name in names if name and name not in splits]
+    missing = [name for name in random_access.split_names(spec) if name not in splits]
     if missing:
       raise errors.ConfigError(
           f'config.{field}={spec!r}: the image folder {builder.builder_config.root} has no '
