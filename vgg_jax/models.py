@@ -114,9 +114,11 @@ class Conv(nn.Module):
 
   How it is computed is a choice that leaves the values, and every derivative and batching JAX
   takes of them (grad, jvp, linearize, Hessian-vector products, grad of grad, vmap), as XLA's
-  convolution gives them, up to float32 rounding: `conv_algorithm` picks Winograd's F(4x4, 3x3)
-  (`winograd.uses_winograd`) or XLA's convolution, and for XLA's, `weight_grad` how its kernel
-  gradient is computed (`ops.uses_matmul_weight_grad`).
+  convolution gives them, up to float32 rounding (which may put a pre-activation within
+  rounding of zero on the ReLU's other side, and its derivative with it, as any two float32
+  computations may): `conv_algorithm` picks Winograd's F(4x4, 3x3) (`winograd.uses_winograd`)
+  or XLA's convolution, and for XLA's, `weight_grad` how its kernel gradient is computed
+  (`ops.uses_matmul_weight_grad`).
   """
   features: int
   kernel_size: int
