@@ -502,6 +502,62 @@ def test_max_pool_2x2_has_max_pools_values_and_gradients_bitwise_ties_included()
   np.testing.assert_array_equal(ops.max_pool_2x2(odd), reference(odd))
 
 
+# What a researcher takes of a loss or a layer f(*primals): vgg_jax's own primitives (here and in
+# tests/test_winograd.py) give each what XLA's give.
+def scalar(f):
+  """A scalar loss of f's output, nonlinear in it so that second derivatives are not zero."""
+  return lambda *args: jnp.sum(jnp.sin(f(*args)))
+
+
+def squared_norm(tree) -> jax.Array:
+  return sum(jnp.sum(leaf ** 2) for leaf in jax.tree.leaves(tree))
+
+
+TRANSFORMATIONS = {
+    'jvp': lambda f, primals, tangents: jax.jvp(f, primals, tangents),
+    'linearize': lambda f, primals, tangents: jax.linearize(f, *primals)[1](*tangents),
+    'hessian_vector_product': lambda f, primals, tangents: jax.jvp(
+        jax.grad(scalar(f), range(len(primals))), primals, tangents)[1],
+    'grad_of_grad_norm': lambda f, primals, tangents: jax.grad(
+        lambda *p: squared_norm(jax.grad(scalar(f), range(len(p)))(*p)),
+        range(len(primals)))(*primals),
+    'vmap': lambda f, primals, tangents: jax.vmap(f)(*jax.tree.map(
+        lambda p, t: jnp.stack([p, p + 0.1 * t]), primals, tangents)),
+    'vmap_of_grad': lambda f, primals, tangents: jax.vmap(  # Per-example gradients.
+        jax.grad(lambda x, *rest: scalar(f)(x[None], *rest), range(len(primals))),
+        (0,) + (None,) * (len(primals) - 1))(*primals),
+}
+
+
+
+@pytest.mark.parametrize('transformation', TRANSFORMATIONS)
+def test_every_transformation_of_the_max_pool_is_max_pools_bitwise_ties_included(transformation):
+  rng = fresh_rng()
+  x = jnp.asarray(rng.normal(size=(2, 8, 6, 4)), jnp.float32)
+  x = jnp.maximum(x, 0.0).at[:, :2].set(1.5)  # Zeros and whole windows of equal values.
+  tangent = jnp.asarray(rng.normal(size=x.shape), jnp.float32)
+  reference = lambda v: nn.max_pool(v, (2, 2), strides=(2, 2))
+  transform = TRANSFORMATIONS[transformation]
+  got = jax.jit(lambda x, t: transform(ops.max_pool_2x2, (x,), (t,)))(x, tangent)
+  expected = jax.jit(lambda x, t: transform(reference, (x,), (t,)))(x, tangent)
+  for leaf, expected_leaf in zip(jax.tree.leaves(got), jax.tree.leaves(expected)):
+    np.testing.assert_array_equal(leaf, expected_leaf)
+
+
+@pytest.mark.parametrize('transformation', TRANSFORMATIONS)
+def test_every_transformation_of_the_matmul_kernel_gradient_convolution_is_xlas(transformation):
+  rng = fresh_rng()
+  primals = (jnp.asarray(rng.normal(size=(3, 12, 10, 5)), jnp.float32),
+             jnp.asarray(rng.normal(size=(3, 3, 5, 7)), jnp.float32))
+  tangents = tuple(jnp.asarray(rng.normal(size=p.shape), jnp.float32) for p in primals)
+  transform = TRANSFORMATIONS[transformation]
+  got = jax.jit(lambda *a: transform(ops.conv_matmul_weight_grad, a[:2], a[2:]))(*primals,
+                                                                                 *tangents)
+  expected = jax.jit(lambda *a: transform(ops.conv, a[:2], a[2:]))(*primals, *tangents)
+  for leaf, expected_leaf in zip(jax.tree.leaves(got), jax.tree.leaves(expected)):
+    assert relative_error(leaf, expected_leaf) < 1e-5
+
+
 def test_every_weight_grad_choice_gives_the_same_network_gradients():
   rng = fresh_rng()
   x = jnp.asarray(rng.normal(size=(2, 32, 32, 3)), jnp.float32)

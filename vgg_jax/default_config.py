@@ -62,7 +62,8 @@ def get_config(arg: Optional[str] = None) -> ml_collections.ConfigDict:
   # How the 3x3 convolutions are computed: 'xla' (XLA's convolution), 'winograd' (F(4x4, 3x3)
   # with C++ transforms, float32 on the CPU: 1.3-2.4x faster per layer in training) or 'auto'
   # (Winograd on the CPU for float32 layers of >= 16 input channels and >= 32 4x4 tiles, if a
-  # C++ compiler is found; XLA's elsewhere). Same values up to float32 rounding.
+  # C++ compiler is found; XLA's elsewhere). Same values and derivatives (any JAX
+  # transformation) up to float32 rounding.
   config.conv_algorithm = 'auto'
   # How XLA's convolutions' kernel gradients are computed: 'conv' (XLA's convolution),
   # 'matmul' (one matmul per kernel tap, 2-5x faster on CPU for large layers) or 'auto' (matmul

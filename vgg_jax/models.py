@@ -112,8 +112,11 @@ class Conv(nn.Module):
   """A stride-1 'SAME' k x k convolution with bias, then ReLU if `relu`, parameters named as
   nn.Conv names them ('kernel' (k, k, C, F), 'bias').
 
-  How it is computed is a choice that leaves the values and gradients as they are, up to
-  float32 rounding: `conv_algorithm` picks Winograd's F(4x4, 3x3) (`winograd.uses_winograd`)
+  How it is computed is a choice that leaves the values, and every derivative and batching JAX
+  takes of them (grad, jvp, linearize, Hessian-vector products, grad of grad, vmap), as XLA's
+  convolution gives them, up to float32 rounding (which may put a pre-activation within
+  rounding of zero on the ReLU's other side, and its derivative with it, as any two float32
+  computations may): `conv_algorithm` picks Winograd's F(4x4, 3x3) (`winograd.uses_winograd`)
   or XLA's convolution, and for XLA's, `weight_grad` how its kernel gradient is computed
   (`ops.uses_matmul_weight_grad`).
   """
@@ -211,10 +214,11 @@ class VGG(nn.Module):
       full-size net / its fan-in here) (`full_size_std`).
     conv_algorithm: how the 3x3 convolutions are computed: 'xla' (XLA's convolution),
       'winograd' (`winograd.conv_bias_relu`, float32 on the CPU) or 'auto' (Winograd for
-      large enough layers on the CPU only). Same values, up to float32 rounding.
+      large enough layers on the CPU only). Same values and derivatives, up to float32
+      rounding.
     weight_grad: how XLA's convolutions' kernel gradients are computed: 'conv' (XLA's
       convolution), 'matmul' (`ops.conv_matmul_weight_grad`) or 'auto' (matmul for large
-      layers on CPU only). Same values.
+      layers on CPU only). Same values and derivatives.
   """
   variant: str = 'D'
   num_classes: int = 1000

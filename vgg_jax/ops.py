@@ -1,14 +1,61 @@
 """Fast CPU primitives of the VGG net: a convolution whose kernel gradient is computed as
 matmuls, and a 2x2/2 max-pool with an elementwise gradient.
 
-Both give XLA's values and gradients; they exist because XLA's CPU backend computes these two
-gradients slowly (benchmarks/conv_grads.py). On GPU and TPU `models.VGG` uses XLA's own by
-default (`uses_matmul_weight_grad`).
+Both give XLA's values and derivatives (of any order, forward or reverse, and vmap); they exist
+because XLA's CPU backend computes these two gradients slowly (benchmarks/conv_grads.py). On
+GPU and TPU `models.VGG` uses XLA's convolution by default (`uses_matmul_weight_grad`).
 """
 
+import functools
+from typing import Optional
+
 import jax
-import jax.numpy as jnp
 from jax import lax
+from jax.custom_derivatives import SymbolicZero
+from jax.extend import core as jex_core
+from jax.interpreters import ad
+from jax.interpreters import batching
+from jax.interpreters import mlir
+import jax.numpy as jnp
+
+# vgg_jax's own primitives (here and in `winograd`) under shard_map: like JAX's, each result
+# varies over the mesh axes its operands vary over (`abstract_array`), and binding one casts an
+# invariant operand (a parameter) to varying first (`Primitive`), so that the cast's transpose
+# sums its cotangent over the devices. Read and written with JAX's internals (`.mat`), for want
+# of a public API; tests/test_winograd.py checks gradients under shard_map against XLA's.
+
+
+def _varying(aval: jax.core.ShapedArray) -> frozenset:
+  return aval.mat.varying
+
+
+class Primitive(jex_core.Primitive):
+  """A primitive that, bound, first casts its first `aligned` operands (all by default) to
+  vary over the same mesh axes."""
+
+  def __init__(self, name: str, aligned: Optional[int] = None):
+    super().__init__(name)
+    self.aligned = aligned
+
+  def bind(self, *operands, **params):
+    count = len(operands) if self.aligned is None else self.aligned
+    axes = frozenset().union(*(_varying(jax.typeof(x)) for x in operands[:count]))
+    cast = [jax.lax.pcast(x, tuple(missing), to='varying')
+            if i < count and (missing := axes - _varying(jax.typeof(x))) else x
+            for i, x in enumerate(operands)]
+    return super().bind(*cast, **params)
+
+
+def abstract_array(shape, dtype, *operands: jax.core.ShapedArray) -> jax.core.ShapedArray:
+  """The abstract value of a primitive's result of `shape` and `dtype`, computed from
+  `operands` (abstract values, as `Primitive.bind` aligns them)."""
+  first = operands[0]
+  varying = frozenset().union(*map(_varying, operands))
+  mat = first.mat if varying == _varying(first) else first.mat.update(varying=varying)
+  sharding = first.sharding.update(spec=jax.sharding.PartitionSpec(*[None] * len(shape)))
+  return first.update(shape=tuple(shape), dtype=dtype, weak_type=False, sharding=sharding,
+                      manual_axis_type=mat)
+
 
 def conv(x: jax.Array, kernel: jax.Array) -> jax.Array:
   """Stride-1 'SAME' convolution, NHWC x HWIO -> NHWC."""
@@ -34,30 +81,51 @@ def shifted_matmul_weight_grad(x: jax.Array, grad: jax.Array, kernel_size: int) 
   return jnp.stack(taps).reshape(kernel_size, kernel_size, channels, grad.shape[-1])
 
 
-@jax.custom_vjp
+@jax.custom_jvp
 def conv_matmul_weight_grad(x: jax.Array, kernel: jax.Array) -> jax.Array:
   """`conv`, whose kernel gradient is `shifted_matmul_weight_grad` rather than XLA's.
 
   XLA's CPU backend computes a kernel gradient as a convolution with an N x H x W window,
   2-5x slower than the same FLOPs as matmuls where H and W are large (conv1-conv3): measured
-  by benchmarks/conv_grads.py. The value and the input gradient are XLA's.
+  by benchmarks/conv_grads.py. The value and the input gradient are XLA's. Its tangent is
+  `conv`'s, with the kernel's part a primitive whose transpose is the matmuls, so derivatives
+  of any order, in either mode, and vmap are `conv`'s.
   """
   return conv(x, kernel)
 
 
-def _conv_fwd(x, kernel):
-  return conv(x, kernel), (x, kernel)
+@functools.partial(conv_matmul_weight_grad.defjvp, symbolic_zeros=True)
+def _conv_jvp(primals, tangents):
+  (x, kernel), (dx, dkernel) = primals, tangents
+  parts = []
+  if not isinstance(dx, SymbolicZero):
+    parts.append(conv(dx, kernel))
+  if not isinstance(dkernel, SymbolicZero):
+    parts.append(_conv_of_kernel.bind(x, dkernel))
+  y = conv(x, kernel)
+  return y, functools.reduce(jnp.add, parts) if parts else jnp.zeros_like(y)
 
 
-def _conv_bwd(residuals, grad):
-  x, kernel = residuals
-  _, input_vjp = jax.vjp(lambda x: conv(x, kernel), x)
-  (grad_x,) = input_vjp(grad)
-  grad_kernel = shifted_matmul_weight_grad(x, grad, kernel.shape[0])
-  return grad_x, grad_kernel.astype(kernel.dtype)
+def _conv_of_kernel_transpose(cotangent, x, kernel):
+  assert not ad.is_undefined_primal(x), 'linear in the kernel only'
+  if type(cotangent) is ad.Zero:
+    return [None, None]
+  grad = shifted_matmul_weight_grad(x, cotangent, kernel.aval.shape[0])
+  return [None, grad.astype(kernel.aval.dtype)]
 
 
-conv_matmul_weight_grad.defvjp(_conv_fwd, _conv_bwd)
+# conv(x, kernel) as a map linear in the kernel, x fixed: the kernel's tangent in
+# `conv_matmul_weight_grad`, transposed to `shifted_matmul_weight_grad`.
+_conv_of_kernel = Primitive('vgg_jax_conv_of_kernel')
+_conv_of_kernel.def_impl(conv)
+_conv_of_kernel.def_abstract_eval(
+    lambda x, kernel: abstract_array((*x.shape[:3], kernel.shape[3]), x.dtype, x, kernel))
+mlir.register_lowering(_conv_of_kernel, mlir.lower_fun(conv, multiple_results=False))
+ad.defjvp(_conv_of_kernel, lambda dx, x, kernel: conv(dx, kernel),
+          lambda dkernel, x, kernel: _conv_of_kernel.bind(x, dkernel))
+ad.primitive_transposes[_conv_of_kernel] = _conv_of_kernel_transpose
+batching.primitive_batchers[_conv_of_kernel] = (
+    lambda operands, dims: (jax.vmap(conv, in_axes=dims)(*operands), 0))
 
 # How the convolutions' kernel gradients are computed (`VGG.weight_grad`).
 WEIGHT_GRADS = ('auto', 'conv', 'matmul')
@@ -85,40 +153,41 @@ def _window_corners(x: jax.Array) -> tuple[jax.Array, ...]:
   return tuple(windows[:, :, i, :, j] for i in (0, 1) for j in (0, 1))
 
 
-@jax.custom_vjp
+@jax.custom_jvp
 def _max_pool_2x2(x: jax.Array) -> jax.Array:
   top_left, top_right, bottom_left, bottom_right = _window_corners(x)
   return jnp.maximum(jnp.maximum(top_left, top_right), jnp.maximum(bottom_left, bottom_right))
 
 
-def _max_pool_2x2_fwd(x):
-  y = _max_pool_2x2(x)
-  return y, (x, y)
-
-
-def _max_pool_2x2_bwd(residuals, grad):
-  """Each window's gradient goes to its first maximum, as XLA's select-and-scatter sends it."""
-  x, y = residuals
+def _first_maxima(x: jax.Array, y: jax.Array) -> jax.Array:
+  """(N, H/2, 2, W/2, 2, C): True at each window's first maximum (row-major), the input XLA's
+  select-and-scatter sends the window's gradient to."""
   taken = jnp.zeros(y.shape, bool)
-  parts = []
+  chosen = []
   for corner in _window_corners(x):
-    chosen = (corner == y) & ~taken
-    taken = taken | chosen
-    parts.append(jnp.where(chosen, grad, jnp.zeros((), grad.dtype)))
-  top, bottom = jnp.stack(parts[:2], axis=3), jnp.stack(parts[2:], axis=3)
-  n, height, width, channels = grad.shape
-  return (jnp.stack([top, bottom], axis=2).reshape(n, 2 * height, 2 * width, channels),)
+    chosen.append((corner == y) & ~taken)
+    taken = taken | chosen[-1]
+  return jnp.stack([jnp.stack(chosen[:2], axis=3), jnp.stack(chosen[2:], axis=3)], axis=2)
 
 
-_max_pool_2x2.defvjp(_max_pool_2x2_fwd, _max_pool_2x2_bwd)
+@_max_pool_2x2.defjvp
+def _max_pool_2x2_jvp(primals, tangents):
+  """The tangent of each window's first maximum: its transpose, the gradient, is one
+  elementwise select on the input's grid."""
+  (x,), (dx,) = primals, tangents
+  y = _max_pool_2x2(x)
+  n, height, width, channels = x.shape
+  windows = dx.reshape(n, height // 2, 2, width // 2, 2, channels)
+  return y, jnp.where(_first_maxima(x, y), windows, jnp.zeros((), dx.dtype)).sum((2, 4))
 
 
 def max_pool_2x2(x: jax.Array) -> jax.Array:
-  """Sec. 2.1's 2x2 max-pool with stride 2: `nn.max_pool`'s values and gradients, exactly.
+  """Sec. 2.1's 2x2 max-pool with stride 2: `nn.max_pool`'s values and derivatives, exactly.
 
-  Written as a maximum of the four window corners, with a backward pass of elementwise
-  selects, because XLA's CPU select-and-scatter (max_pool's gradient) is 4-10x slower
-  (benchmarks/conv_grads.py). Odd sizes (dense evaluation only) take XLA's reduce_window, as `nn.max_pool` does.
+  Written as a maximum of the four window corners, whose tangent is that of each window's
+  first maximum, transposed to a backward pass of elementwise selects, because XLA's CPU
+  select-and-scatter (max_pool's gradient) is 4-10x slower (benchmarks/conv_grads.py). Odd
+  sizes (dense evaluation only) take XLA's reduce_window, as `nn.max_pool` does.
   """
   if x.shape[1] % 2 or x.shape[2] % 2:
     return lax.reduce_window(x, -jnp.inf, lax.max, (1, 2, 2, 1), (1, 2, 2, 1), 'VALID')

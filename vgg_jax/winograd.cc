@@ -15,6 +15,14 @@
 // 1) and writes output rows 4ty .. 4ty+3; borders are zeroed or cropped in the kernels. Each
 // tile is transformed in registers, vectorised over channels with GCC vector extensions
 // (8 floats: AVX2 where -march=native has it), work split over XLA's intra-op threads.
+//
+// Every handler checks the shape of every buffer it reads or writes against the others and
+// returns InvalidArgument otherwise (XLA's binding checks their ranks and dtypes), so that a
+// wrong caller gets an error rather than memory past a buffer's end.
+//
+// Built with -DVGG_JAX_PERTURBABLE (tests/test_winograd.py only), VggJaxPerturb(site, row,
+// col, delta) adds delta to one coefficient of one transform's matrix at run time, to show
+// that the tests catch any one wrong coefficient; the normal build has none of it.
 
 #include <algorithm>
 #include <atomic>
@@ -22,7 +30,9 @@
 #include <cstdlib>
 #include <cstring>
 #include <functional>
+#include <initializer_list>
 #include <memory>
+#include <string>
 
 #include "xla/ffi/api/ffi.h"
 
@@ -48,6 +58,56 @@ static inline void spin_pause() {
 #endif
 }
 
+// ---------------------------------------------------------------- shape checks
+static std::string shape_string(const int64_t* dims, size_t rank) {
+  std::string s = "(";
+  for (size_t i = 0; i < rank; ++i) s += (i ? ", " : "") + std::to_string(dims[i]);
+  return s + ")";
+}
+
+// Success if `buffer` of handler `call` has dimensions `want`, else an InvalidArgument error
+// that names both shapes.
+static ffi::Error expect_shape(const char* call, const char* buffer,
+                               ffi::Span<const int64_t> got, std::initializer_list<int64_t> want) {
+  if (got.size() == want.size() && std::equal(want.begin(), want.end(), got.begin()))
+    return ffi::Error::Success();
+  return ffi::Error::InvalidArgument(std::string(call) + ": " + buffer + " is " +
+                                     shape_string(got.begin(), got.size()) + ", expected " +
+                                     shape_string(want.begin(), want.size()));
+}
+
+#define RETURN_IF_ERROR(expr)          \
+  do {                                 \
+    ffi::Error error_ = (expr);        \
+    if (error_.failure()) return error_; \
+  } while (0)
+
+// ---------------------------------------------------------------- test-only perturbation
+// Sites: the transform matrices as each function applies them (B^T d, B v, G g, G^T u, A^T m,
+// A g). perturb() adds delta * in[col] to out[row - first] where (site, row, col) is the
+// perturbed coefficient; without VGG_JAX_PERTURBABLE it is nothing.
+enum Site { kBt = 0, kB = 1, kG = 2, kGt = 3, kAt = 4, kA = 5 };
+#ifdef VGG_JAX_PERTURBABLE
+static struct { int site = -1, row = 0, col = 0; float delta = 0.f; } perturbation;
+
+extern "C" void VggJaxPerturb(int site, int row, int col, float delta) {
+  perturbation.site = site;
+  perturbation.row = row;
+  perturbation.col = col;
+  perturbation.delta = delta;
+}
+
+template <class V>
+static inline void perturb(Site site, const V* in, V* out, int first = 0, int rows = 6) {
+  const int row = perturbation.row - first;
+  if (perturbation.site == site && row >= 0 && row < rows)
+    out[row] = out[row] + in[perturbation.col] * perturbation.delta;
+}
+#else
+template <class V>
+static inline void perturb(Site, const V*, V*, int = 0, int = 6) {}
+#endif
+
 // ---------------------------------------------------------------- transforms on 6 values
 // B^T d : rows  [4 0 -5 0 1 0] [0 -4 -4 1 1 0] [0 4 -4 -1 1 0] [0 -2 -1 2 1 0] [0 2 -1 -2 1 0]
 //               [0 4 0 -5 0 1]
@@ -61,6 +121,7 @@ static inline void bt6(const V d[6], V r[6]) {
   r[3] = c + e;
   r[4] = c - e;
   r[5] = d[1] * 4.f - d[3] * 5.f + d[5];
+  perturb(kBt, d, r);
 }
 // A^T m : rows [1 1 1 1 1 0] [0 1 -1 2 -2 0] [0 1 1 4 4 0] [0 1 -1 8 -8 1]
 template <class V>
@@ -70,6 +131,7 @@ static inline void at6(const V m[6], V o[4]) {
   o[1] = d + d2 * 2.f;
   o[2] = s + s2 * 4.f;
   o[3] = d + d2 * 8.f + m[5];
+  perturb(kAt, m, o, 0, 4);
 }
 // A g (6 from 4), transpose of at6
 template <class V>
@@ -82,6 +144,7 @@ static inline void a4(const V g[4], V r[6]) {
   r[3] = e4 + o4;
   r[4] = e4 - o4;
   r[5] = g[3];
+  perturb(kA, g, r);
 }
 // B v (transpose of bt6): only outputs 1..4 are needed by the gather (0 = 4 v0, 5 = v5).
 template <class V>
@@ -96,6 +159,22 @@ static inline void b6mid(const V v[6], V r[4]) {
   r[1] = -(v[0] * 5.f) - s12 * 4.f - s34;
   r[2] = -d12 - d34 * 2.f - v[5] * 5.f;
   r[3] = v[0] + s12 + s34;
+  perturb(kB, v, r, 1, 4);
+}
+// Rows 0 and 5 of B v, from a neighbouring tile: 4 v0 and v5, their only coefficients.
+template <class V>
+static inline V b_first(V v0) {
+  V r = v0 * 4.f;
+  const V in[6] = {v0, zero<V>(), zero<V>(), zero<V>(), zero<V>(), zero<V>()};
+  perturb(kB, in, &r, 0, 1);
+  return r;
+}
+template <class V>
+static inline V b_last(V v5) {
+  V r = v5;
+  const V in[6] = {zero<V>(), zero<V>(), zero<V>(), zero<V>(), zero<V>(), v5};
+  perturb(kB, in, &r, 5, 1);
+  return r;
 }
 
 // ---------------------------------------------------------------- thread splitting
@@ -194,9 +273,7 @@ static ffi::Error InputTransformImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::F32,
   auto d = x.dimensions();
   Geo g{d[0], d[1], d[2], d[3], (d[1] + 3) / 4, (d[2] + 3) / 4, 0};
   g.T = g.N * g.TH * g.TW;
-  auto vd = v->dimensions();
-  if (vd[0] != 36 || vd[1] != g.T || vd[2] != g.C)
-    return ffi::Error::InvalidArgument("wino_input: bad output shape");
+  RETURN_IF_ERROR(expect_shape("wino_input", "V", v->dimensions(), {36, g.T, g.C}));
   const float* xp = x.typed_data();
   float* vp = v->typed_data();
   parallel_for(pool, g.N * g.TH, 1, [=](int64_t b, int64_t e) { input_rows(xp, vp, g, b, e); });
@@ -266,11 +343,9 @@ static ffi::Error OutputTransformImpl(ffi::ThreadPool pool, B3 m,
   auto d = y->dimensions();
   Geo g{d[0], d[1], d[2], d[3], (d[1] + 3) / 4, (d[2] + 3) / 4, 0};
   g.T = g.N * g.TH * g.TW;
-  auto md = m.dimensions();
-  if (md[0] != 36 || md[1] != g.T || md[2] != g.C)
-    return ffi::Error::InvalidArgument("wino_output: bad input shape");
-  if (mode && bias.dimensions()[0] != g.C)
-    return ffi::Error::InvalidArgument("wino_output: bad bias shape");
+  RETURN_IF_ERROR(expect_shape("wino_output", "M", m.dimensions(), {36, g.T, g.C}));
+  RETURN_IF_ERROR(expect_shape("wino_output", "bias", bias.dimensions(), {g.C}));
+  if (mode < 0 || mode > 2) return ffi::Error::InvalidArgument("wino_output: mode not 0, 1 or 2");
   const float* mp = m.typed_data();
   const float* bp = bias.typed_data();
   float* yp = y->typed_data();
@@ -349,16 +424,13 @@ static ffi::Error OutputTransformTImpl(ffi::ThreadPool pool, B4 dy,
   auto d = dy.dimensions();
   Geo g{d[0], d[1], d[2], d[3], (d[1] + 3) / 4, (d[2] + 3) / 4, 0};
   g.T = g.N * g.TH * g.TW;
-  auto md = dm->dimensions();
-  if (md[0] != 36 || md[1] != g.T || md[2] != g.C)
-    return ffi::Error::InvalidArgument("wino_output_t: bad output shape");
+  RETURN_IF_ERROR(expect_shape("wino_output_t", "dM", dm->dimensions(), {36, g.T, g.C}));
+  RETURN_IF_ERROR(expect_shape("wino_output_t", "y", y.dimensions(), {g.N, g.H, g.W, g.C}));
+  if (mode < 0 || mode > 1) return ffi::Error::InvalidArgument("wino_output_t: mode not 0 or 1");
   const float* dyp = dy.typed_data();
   const float* yp = y.typed_data();
   float* dmp = dm->typed_data();
   if (mode) {
-    auto yd = y.dimensions();
-    for (int i = 0; i < 4; ++i)
-      if (yd[i] != d[i]) return ffi::Error::InvalidArgument("wino_output_t: bad y shape");
     parallel_for(pool, g.N * g.TH, 1,
                  [=](int64_t b, int64_t e) { output_t_rows<true>(dyp, yp, dmp, g, b, e); });
   } else {
@@ -405,8 +477,8 @@ static inline void input_t_block(const float* dv, float* dx, const Geo& g, int64
     V col[6];
     for (int i = 0; i < 6; ++i) col[i] = own.at(i, j);
     b6mid(col, out);
-    if (up) out[0] = out[0] + tile(ty - 1, txx).at(5, j);
-    if (down) out[3] = out[3] + tile(ty + 1, txx).at(0, j) * 4.f;
+    if (up) out[0] = out[0] + b_last(tile(ty - 1, txx).at(5, j));
+    if (down) out[3] = out[3] + b_first(tile(ty + 1, txx).at(0, j));
   };
   V R[4][6];
   for (int j = 0; j < 6; ++j) {
@@ -422,8 +494,8 @@ static inline void input_t_block(const float* dv, float* dx, const Geo& g, int64
     if (yy >= g.H) break;
     V o[4];
     b6mid(R[q], o);
-    if (left) o[0] = o[0] + L[q];
-    if (right) o[3] = o[3] + Rt[q] * 4.f;
+    if (left) o[0] = o[0] + b_last(L[q]);
+    if (right) o[3] = o[3] + b_first(Rt[q]);
     for (int s = 0; s < 4; ++s) {
       const int64_t xx = 4 * tx + s;
       if (xx >= g.W) break;
@@ -448,9 +520,7 @@ static ffi::Error InputTransformTImpl(ffi::ThreadPool pool, B3 dv,
   auto d = dx->dimensions();
   Geo g{d[0], d[1], d[2], d[3], (d[1] + 3) / 4, (d[2] + 3) / 4, 0};
   g.T = g.N * g.TH * g.TW;
-  auto vd = dv.dimensions();
-  if (vd[0] != 36 || vd[1] != g.T || vd[2] != g.C)
-    return ffi::Error::InvalidArgument("wino_input_t: bad input shape");
+  RETURN_IF_ERROR(expect_shape("wino_input_t", "dV", dv.dimensions(), {36, g.T, g.C}));
   const float* dvp = dv.typed_data();
   float* dxp = dx->typed_data();
   parallel_for(pool, g.N * g.TH, 1,
@@ -498,9 +568,10 @@ static inline void products_block(const float* v, const float* panel, float* m, 
 static ffi::Error ProductsImpl(ffi::ThreadPool pool, B3 v, B4 packed,
                                ffi::ResultBuffer<ffi::F32, 3> m) {
   const auto vd = v.dimensions(), pd = packed.dimensions(), md = m->dimensions();
-  const int64_t T = vd[1], C = vd[2], K = md[2], panels = pd[1];
-  if (vd[0] != 36 || pd[0] != 36 || pd[2] != C || pd[3] != 16 || panels != (K + 15) / 16)
-    return ffi::Error::InvalidArgument("wino_products: shapes do not chain");
+  const int64_t T = vd[1], C = vd[2], K = md[2], panels = (K + 15) / 16;
+  RETURN_IF_ERROR(expect_shape("wino_products", "V", vd, {36, T, C}));
+  RETURN_IF_ERROR(expect_shape("wino_products", "packed U", pd, {36, panels, C, 16}));
+  RETURN_IF_ERROR(expect_shape("wino_products", "M", md, {36, T, K}));
   const float* vp = v.typed_data();
   const float* pp = packed.typed_data();
   float* mp = m->typed_data();
@@ -551,6 +622,7 @@ static inline void g6(const V g[3], V r[6]) {
   r[3] = a + b;
   r[4] = a - b;
   r[5] = g[2];
+  perturb(kG, g, r);
 }
 template <class V>
 static inline void gt6(const V u[6], V r[3]) {
@@ -559,6 +631,7 @@ static inline void gt6(const V u[6], V r[3]) {
   r[0] = u[0] * 0.25f - s12_ * s6 + s34 * s24;
   r[1] = d12 * s6 + d34 * s12;
   r[2] = (s34 - s12_) * s6 + u[5];
+  perturb(kGt, u, r, 0, 3);
 }
 
 template <class V>
@@ -605,12 +678,13 @@ static void for_each_kernel_element(ffi::ThreadPool& pool, int64_t ck, Fn fn) {
   });
 }
 
-// `after` is not read: it orders the transform after the layer's input exists, so that U is
-// made just before its matmul instead of every layer's U at once at the start.
+// `after`, of any shape, is not read: it orders the transform after the layer's input exists,
+// so that U is made just before its matmul instead of every layer's U at once at the start.
 static ffi::Error KernelTransformImpl(ffi::ThreadPool pool, B4 g, ffi::AnyBuffer after,
                                       ffi::ResultBuffer<ffi::F32, 3> u) {
   auto d = g.dimensions();
-  if (d[0] != 3 || d[1] != 3) return ffi::Error::InvalidArgument("wino_kernel: not 3x3");
+  RETURN_IF_ERROR(expect_shape("wino_kernel", "g", d, {3, 3, d[2], d[3]}));
+  RETURN_IF_ERROR(expect_shape("wino_kernel", "U", u->dimensions(), {36, d[2], d[3]}));
   const int64_t ck = d[2] * d[3];
   const float* gp = g.typed_data();
   float* up = u->typed_data();
@@ -628,6 +702,8 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(WinoKernel, KernelTransformImpl,
 
 static ffi::Error KernelTransformTImpl(ffi::ThreadPool pool, B3 u, ffi::ResultBuffer<ffi::F32, 4> g) {
   auto d = g->dimensions();
+  RETURN_IF_ERROR(expect_shape("wino_kernel_t", "dg", d, {3, 3, d[2], d[3]}));
+  RETURN_IF_ERROR(expect_shape("wino_kernel_t", "dU", u.dimensions(), {36, d[2], d[3]}));
   const int64_t ck = d[2] * d[3];
   const float* up = u.typed_data();
   float* gp = g->typed_data();
