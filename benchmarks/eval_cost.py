@@ -20,7 +20,6 @@ import math
 import statistics
 import sys
 import time
-import types
 
 from absl import app
 from absl import flags
@@ -98,10 +97,8 @@ def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f'Unexpected arguments: {argv[1:]}')
   s = settings()
-  config = types.SimpleNamespace(variant=s['variant'], num_classes=s['num_classes'],
-                                 dropout_rate=0.5, dtype=s['dtype'], width=s['width'],
-                                 init='paper', init_std=0.01)
-  model = models.create_model(config)
+  model = models.VGG(variant=s['variant'], num_classes=s['num_classes'],
+                     dtype=models.DTYPES[s['dtype']], width=s['width'])
   normalization = preprocess.Normalization()  # The paper's; it does not change the cost.
   device = jax.devices()[0]
 

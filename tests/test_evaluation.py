@@ -15,12 +15,12 @@ import types
 
 import jax
 import jax.numpy as jnp
-import ml_collections
 import numpy as np
 import pytest
 import tensorflow as tf
 import tensorflow_datasets as tfds
 
+from vgg_jax import default_config
 from vgg_jax import errors
 from vgg_jax import evaluation
 from vgg_jax import input_pipeline
@@ -233,8 +233,9 @@ def test_dense_image_is_rescaled_centre_cropped_to_max_aspect_and_padded(photos)
 
 def test_test_scales_follow_the_paper():
   def config(train_scale, test_scales=()):
-    return ml_collections.ConfigDict({'train_scale': train_scale, 'eval_scale': None,
-                                      'test_scales': test_scales})
+    config = default_config.get_config()
+    config.update(train_scale=train_scale, test_scales=test_scales)
+    return config
   assert protocol.test_scales(config(256)) == (224, 256, 288)
   assert protocol.single_test_scale(config(256)) == 256
   assert protocol.test_scales(config((256, 512))) == (256, 384, 512)
@@ -419,10 +420,9 @@ def test_unknown_protocol_is_refused_naming_the_valid_ones():
 
 
 def imagenet_config(variant, train_scale):
-  return ml_collections.ConfigDict({
-      'variant': variant, 'train_scale': train_scale, 'dataset': 'imagenet2012',
-      'width': 1.0, 'image_size': 224, 'num_classes': 1000, 'eval_scale': None,
-      'test_scales': ()})
+  config = default_config.get_config()
+  config.update(variant=variant, train_scale=train_scale)
+  return config
 
 
 def test_paper_numbers_are_shown_only_for_the_papers_experiment():

@@ -21,6 +21,7 @@ from tests.test_evaluation import count_compilations
 from tests.test_steps import device_split, fresh_rng, random_batch, small_config
 from tests.test_train import REPO, restored_params
 from vgg_jax import checkpoints
+from vgg_jax import default_config
 from vgg_jax import errors
 from vgg_jax import init_from
 from vgg_jax import steps
@@ -354,6 +355,33 @@ def test_no_checkpoint_is_ever_loaded_with_pickle(untrained_run, monkeypatch):
   assert restored_params(tmp_path, config)[0] == 0
   assert checkpoints.load_config(str(tmp_path)).variant == 'A'
   assert not [p for p in tmp_path.rglob('*') if p.suffix in ('.pkl', '.pickle')]
+
+
+def test_an_older_checkpoints_config_reads_as_todays_defaults_but_where_it_trained_otherwise(
+    tmp_path, untrained_run):
+  """A checkpoint written before a field existed: the field reads as it was then where that
+  differs from today's default (default_config.BEFORE_THE_FIELD), else as today's default."""
+  workdir, config = untrained_run
+  shutil.copytree(workdir, tmp_path, dirs_exist_ok=True)
+  older = config.copy_and_resolve_references()
+  for field in ('sgd_form', 'decode_crop', 'test_flip', 'frozen_layers', 'grad_accum_steps'):
+    del older[field]
+  state = steps.create_train_state(config, jax.random.key(0), config.image_size)
+  manager = checkpoints.create_manager(str(tmp_path), config)
+  checkpoints.save(manager, state.replace(step=state.step + 1), older)
+  checkpoints.wait_until_finished(manager)
+  checkpoints.close(manager)
+
+  loaded = checkpoints.load_config(str(tmp_path))
+  assert set(loaded) == set(default_config.get_config())
+  assert (loaded.sgd_form, loaded.decode_crop) == ('pytorch', False)
+  defaults = default_config.get_config()
+  assert not config.test_flip and loaded.test_flip == defaults.test_flip
+  assert (loaded.frozen_layers, loaded.grad_accum_steps) == (
+      defaults.frozen_layers, defaults.grad_accum_steps)
+  assert (loaded.variant, loaded.width, loaded.train_scale) == ('A', 0.0625, (64, 72))
+  with pytest.raises(errors.ConfigError, match=r"^config.sgd_form='caffe': .* sgd_form='pytorch'"):
+    init_from.check_resume(str(tmp_path), config)
 
 
 # ---------------------------------------------------------------------------------------------

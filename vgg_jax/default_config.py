@@ -10,6 +10,13 @@ from ml_collections import config_dict
 
 # The training scales of Table 3, by sweep argument: `--config=experiments/configD.py:S=384`.
 TRAINING_SCALES = {'S=256': 256, 'S=384': 384, 'S=256-512': (256, 512)}
+# What a checkpoint written before one of these fields existed was trained with, where that is
+# not today's default (`from_saved`); a missing field not listed here means today's default.
+# conv_algorithm and weight_grad are absent on purpose: they change how, not what, is computed.
+BEFORE_THE_FIELD = {
+    'sgd_form': 'pytorch',  # The momentum buffer held unscaled gradients (optax.sgd's form).
+    'decode_crop': False,  # JPEGs were decoded whole, then rescaled and cropped.
+}
 
 
 def dataset_name(dataset: str) -> str:
@@ -25,6 +32,16 @@ def set_training_scale(config: ml_collections.ConfigDict, arg: Optional[str]) ->
     raise ValueError(f'Config argument {arg!r}: expected one of {", ".join(TRAINING_SCALES)}, '
                      'e.g. --config=experiments/configD.py:S=384.')
   config.train_scale = TRAINING_SCALES[arg]
+
+
+def from_saved(saved: dict) -> ml_collections.ConfigDict:
+  """A config saved beside a checkpoint (JSON, so its tuples are lists) over today's defaults:
+  what the evaluation, inference and seeding of an older checkpoint read, field by field, with
+  BEFORE_THE_FIELD for the fields it predates."""
+  config = get_config()
+  config.update(BEFORE_THE_FIELD)
+  config.update({k: tuple(v) if isinstance(v, list) else v for k, v in saved.items()})
+  return config
 
 
 def get_config(arg: Optional[str] = None) -> ml_collections.ConfigDict:

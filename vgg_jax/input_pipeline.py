@@ -343,7 +343,7 @@ def train_dataset(builder, config, start_step: int = 0) -> tf.data.Dataset:
   first = jax.process_index() * sizes.local_batch
   transform = dict(scale=protocol.scale_bounds(config.train_scale),
                    image_size=config.image_size, flip=config.random_flip,
-                   decode_crop=config.get('decode_crop', False))
+                   decode_crop=config.decode_crop)
 
   def positions(step):
     epoch = step // sizes.steps_per_epoch

@@ -64,7 +64,7 @@ def single_test_scale(config) -> int:
 def test_scales(config) -> tuple[int, ...]:
   """Multi-scale testing: `config.test_scales`, else the paper's {S - 32, S, S + 32} for a
   fixed S and {Smin, (Smin + Smax) / 2, Smax} for a jittered one."""
-  if config.get('test_scales'):
+  if config.test_scales:
     return tuple(int(q) for q in config.test_scales)
   smin, smax = scale_bounds(config.train_scale)
   if smin == smax:

@@ -67,7 +67,7 @@ def _decay_mask(params):
 
 def frozen_prefixes(config) -> tuple[str, ...]:
   """config.frozen_layers ('conv', 'conv1,conv2', 'conv,fc6', ...) as layer-name prefixes."""
-  spec = getattr(config, 'frozen_layers', '') or ''
+  spec = config.frozen_layers
   return tuple(p.strip() for p in spec.split(',') if p.strip())
 
 
@@ -108,7 +108,7 @@ def create_optimizer(config) -> optax.GradientTransformationExtraArgs:
   decay = optax.add_decayed_weights(config.weight_decay, mask=_decay_mask)
   rate = optax.chain(optax.scale(-config.learning_rate), scale_by_plateau())
   momentum = optax.trace(decay=config.momentum)
-  sgd = (optax.chain(decay, rate, momentum) if config.get('sgd_form', 'caffe') == 'caffe'
+  sgd = (optax.chain(decay, rate, momentum) if config.sgd_form == 'caffe'
          else optax.chain(decay, momentum, rate))
   prefixes = frozen_prefixes(config)
   if not prefixes:
@@ -218,7 +218,7 @@ def train_step(state: TrainState, batch: dict[str, jax.Array], rng: jax.Array, *
     return jnp.mean(metrics['loss']), metrics
 
   grad_fn = jax.grad(loss_fn, has_aux=True)
-  accum = config.get('grad_accum_steps', 1)
+  accum = config.grad_accum_steps
   if accum == 1:
     grads, metrics = grad_fn(state.params, images, batch['label'], dropout_rng)
   else:

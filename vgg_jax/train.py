@@ -209,7 +209,7 @@ def preflight(config, workdir: str) -> Plan:
         f'config.num_classes={config.num_classes}: {config.dataset} has {dataset_classes} '
         f'classes; set --config.num_classes={dataset_classes}.')
   sizes = input_pipeline.train_sizes(builder, config)
-  if not resuming and config.get('init_from'):
+  if not resuming and config.init_from:
     init_from.check_init_from(config)
   check_workdir(workdir)
   run_files.write_class_names(workdir, input_pipeline.class_names(builder))
@@ -230,7 +230,7 @@ def initial_state(config, manager, init_rng: jax.Array) -> steps.TrainState:
   if restored is not None:
     logging.info('Resumed from %s at step %d.', manager.directory, int(restored.step))
     return restored
-  if config.get('init_from'):
+  if config.init_from:
     params = init_from.seed_params(jax.device_get(state.params), config)
     return steps.create_train_state(config, init_rng, config.image_size, params=params)
   return state

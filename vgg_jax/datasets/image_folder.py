@@ -38,11 +38,12 @@ import numpy as np
 import tensorflow as tf
 import tensorflow_datasets as tfds
 
+from vgg_jax import default_config
 from vgg_jax import errors
 
 
 PREFIX = 'folder:'
-DEFAULT_MAX_IMAGE_PIXELS = 40_000_000
+DEFAULT_MAX_IMAGE_PIXELS = default_config.get_config().max_image_pixels
 # Larger than any photograph: a header claiming more pixels is a decompression bomb.
 BOMB_PIXELS = 1_000_000_000
 BAD_FILES = 'bad_files.json'
@@ -470,11 +471,11 @@ def prepared_builder(config) -> ImageFolder:
     raise errors.ConfigError(
         f'config.dataset={config.dataset!r}: give the folder, e.g. folder:/data/photos, holding '
         'ROOT/<split>/<class>/<image files>.')
-  max_pixels = config.get('max_image_pixels', DEFAULT_MAX_IMAGE_PIXELS)
+  max_pixels = config.max_image_pixels
   if isinstance(max_pixels, bool) or not isinstance(max_pixels, int) or max_pixels <= 0:
     raise errors.ConfigError(
         f'config.max_image_pixels={max_pixels!r}: must be a positive int, e.g. 40_000_000.')
-  builder = ImageFolder(config=builder_config(root, config.get('strict_data', False), max_pixels),
+  builder = ImageFolder(config=builder_config(root, config.strict_data, max_pixels),
                         data_dir=config.data_dir)
   if builder.is_prepared():
     _log_prepared(builder)
@@ -482,7 +483,7 @@ def prepared_builder(config) -> ImageFolder:
     builder.download_and_prepare()
   splits = builder.info.splits.keys()
   for field in ('train_split', 'eval_split'):
-    spec = config.get(field)
+    spec = config[field]
     names = [part.split('[')[0].strip() for part in (spec or '').split('+')]
     missing = [name for name in names if name and name not in splits]
     if missing:
