@@ -320,7 +320,10 @@ def _device_shape(batch, local_devices: int):
 def _options() -> tf.data.Options:
   options = tf.data.Options()
   options.deterministic = True
-  options.autotune.enabled = True
+  # No autotuning: its thread sleeps between optimisations (periods doubling up to a minute)
+  # and an iterator's teardown can wait that sleep out, so a run would linger after its last
+  # line. AUTOTUNE maps then run one call per core; prefetch buffers still grow on demand.
+  options.autotune.enabled = False
   options.experimental_optimization.map_parallelization = True
   return options
 
