@@ -84,6 +84,8 @@ def evaluate_workdirs(workdir: str, protocols=protocol.PROTOCOLS, scales=None, f
           'scales': sorted({q for r in per_net for q in r['scales']}),
           'crops_per_image': sum(r['crops_per_image'] for r in per_net),
           'img_per_s': jax.process_count() / post.seconds_per_image,
+          'dataset': configs[0].dataset,
+          'split': split,
           'step': [r['step'] for r in per_net],
           'nets': dirs,
           'members': {d: {k: r[k] for k in ('net', 'top1_error', 'top5_error', 'scales')}
@@ -97,8 +99,7 @@ def evaluate_workdirs(workdir: str, protocols=protocol.PROTOCOLS, scales=None, f
                    100 * results[f'fused:{name}']['top5_error'])
 
   if jax.process_index() == 0:
-    title = (f'Evaluation of {workdir}: {configs[0].dataset}, split {split!r}')
-    directory = report.write(workdir, results, title)
+    directory = report.write(workdir, results, f'Evaluation of {workdir}: {configs[0].dataset}')
     logging.info('Results in %s/results.json and results.md.', directory)
   return results
 

@@ -131,7 +131,7 @@ def evaluate_protocols(state, builder, config, workdir: str, step: int, writer,
                               for metric in ('top1_error', 'top5_error')})
   if final and jax.process_index() == 0:
     report.write(workdir, report.annotate(results, config, step, config.eval_split),
-                 f'Evaluation of {workdir}: {config.dataset}, split {config.eval_split!r}')
+                 f'Evaluation of {workdir}: {config.dataset}')
   return results
 
 
