@@ -112,7 +112,8 @@ def probe(workdir: str, dataset: str, scales: Optional[Sequence[int]] = None,
   config = checkpoints.load_config(workdir)
   target = config.copy_and_resolve_references()
   with target.unlocked():
-    target.dataset = dataset
+    # The probe's dataset and splits, not the training run's (a folder checks them when read).
+    target.update(dataset=dataset, train_split=train_split, eval_split=test_split)
     if data_dir:
       target.data_dir = data_dir
   scales = tuple(int(q) for q in scales) if scales else protocol.test_scales(config)
