@@ -178,6 +178,65 @@ def test_a_first_ctrl_c_asks_the_loop_to_stop_and_a_second_aborts():
   assert signal.getsignal(signal.SIGINT) is before
 
 
+class _RaisesSignalWhenCollected:
+  """Sends SIGINT from its __del__, where Python prints and ignores any exception: what a
+  second Ctrl-C meets when it lands in a TensorFlow object's __del__."""
+
+  def __del__(self):
+    signal.raise_signal(signal.SIGINT)
+
+
+def test_a_second_ctrl_c_aborts_even_when_its_interrupt_lands_in_a_del():
+  before = signal.getsignal(signal.SIGINT)
+  preemption = train.Preemption()
+  try:
+    signal.raise_signal(signal.SIGINT)
+    assert preemption.reached(1)
+    _RaisesSignalWhenCollected()  # Collected at once; its KeyboardInterrupt is ignored.
+    with pytest.raises(KeyboardInterrupt):
+      preemption.reached(2)
+  finally:
+    preemption.close()
+  assert signal.getsignal(signal.SIGINT) is before
+
+
+@pytest.mark.slow
+def test_ctrl_c_twice_within_a_step_aborts_nonzero_leaving_the_saved_checkpoints_whole(
+    tmp_path, digits_config):
+  """Two Ctrl-C 0.2 s apart, while steps of 0.3-1 s run: the process exits non-zero in one
+  line, and the checkpoints already written restore."""
+  flags = ['--config=experiments/digits.py', f'--workdir={tmp_path}', '--config.width=0.5',
+           '--config.log_every_steps=1', '--config.checkpoint_every_steps=2',
+           '--config.num_train_steps=5000', f'--config.data_dir={digits_config.data_dir}']
+  env = {k: v for k, v in os.environ.items() if k != 'XLA_FLAGS'}
+  process = subprocess.Popen([sys.executable, '-m', 'vgg_jax.main', *flags], cwd=REPO,
+                             env=env, stderr=subprocess.PIPE, text=True)
+  lines, seen = [], threading.Event()
+
+  def read():
+    for line in process.stderr:
+      lines.append(line)
+      if 'Saving checkpoint of step 4 ' in line:
+        seen.set()
+
+  reader = threading.Thread(target=read, daemon=True)
+  reader.start()
+  assert seen.wait(300), ''.join(lines[-20:])
+  process.send_signal(signal.SIGINT)
+  time.sleep(0.2)
+  process.send_signal(signal.SIGINT)
+  code = process.wait(120)
+  reader.join()
+  log = ''.join(lines)
+  assert code != 0, log[-3000:]
+  assert 'aborted (Ctrl-C)' in log.strip().splitlines()[-1], log[-3000:]
+  assert 'Traceback' not in log, log[-3000:]
+  step = checkpoints.latest_step(str(tmp_path))
+  assert step >= 4
+  config = checkpoints.load_config(str(tmp_path))
+  assert all_finite(checkpoints.restore_params(str(tmp_path), config, step))
+
+
 @pytest.mark.slow
 def test_sigkill_at_random_moments_and_mid_write_loses_nothing(tmp_path, digits_config):
   """Two trials of tests/fault_injection.py (docs/reliability.md: `python -m tests.fault_injection`):

@@ -60,20 +60,28 @@ class Preemption:
   NAMES = {signal.SIGTERM: 'SIGTERM', signal.SIGINT: 'Ctrl-C'}
 
   def __init__(self):
-    self.requested_by, self._previous = None, {}
+    self.requested_by, self.aborted, self._previous = None, False, {}
     if jax.process_count() == 1 and threading.current_thread() is threading.main_thread():
       self._previous = {signum: signal.signal(signum, self._handle) for signum in self.NAMES}
 
   def _handle(self, signum, frame):
     del frame
     if self.requested_by is not None and signum == signal.SIGINT:
+      self.aborted = True
       raise KeyboardInterrupt
     if self.requested_by is None:
       logging.warning('%s: saving the current step, then stopping%s.', self.NAMES[signum],
                       ' (Ctrl-C again aborts at once)' if signum == signal.SIGINT else '')
     self.requested_by = self.requested_by or self.NAMES[signum]
 
+  def check_aborted(self) -> None:
+    """KeyboardInterrupt if a second Ctrl-C came: the handler's own one is lost where it lands
+    in code whose exceptions Python ignores (a `__del__`, such as TensorFlow's)."""
+    if self.aborted:
+      raise KeyboardInterrupt
+
   def reached(self, step: int) -> bool:
+    self.check_aborted()
     if jax.process_count() > 1:
       return multihost_utils.reached_preemption_sync_point(step)
     return self.requested_by is not None
@@ -318,6 +326,7 @@ def _train(plan: Plan, workdir: str, manager, state: steps.TrainState,
         logging.info('Saving checkpoint of step %d in %s.', step, manager.directory)
       if preempted:
         checkpoints.wait_until_finished(manager)
+        preemption.check_aborted()
         writer.flush()
         logging.warning('Stopped by %s at step %d: its checkpoint is saved in %s. Run the '
                         'same command again to resume there.', preemption.requested_by or
