@@ -26,7 +26,9 @@ from vgg_jax import protocol
 from vgg_jax import report
 
 FLAGS = flags.FLAGS
-
+# Config fields this command takes as flags of the same name (`--data_dir`, not
+# `--config.data_dir`).
+OVERRIDES = ('data_dir', 'manual_dir', 'dense_batch_size', 'multicrop_batch_size')
 
 
 def _load(workdir: str, overrides: dict):
@@ -43,6 +45,8 @@ def evaluate_workdirs(workdir: str, protocols=protocol.PROTOCOLS, scales=None, f
   DIR/eval/results.json by this call."""
   dirs = [workdir, *fuse]
   configs = [_load(d, overrides) for d in dirs]
+  if scales:
+    protocol.check_scales(scales, max(c.image_size for c in configs))
   for d, config in zip(dirs[1:], configs[1:]):
     for field in ('dataset', 'num_classes'):
       if config[field] != configs[0][field]:
@@ -115,6 +119,8 @@ def define_flags() -> None:
                     "DIR's (Table 6).")
   flags.DEFINE_string('split', None, 'Split to evaluate; default: the config\'s eval_split.')
   flags.DEFINE_string('data_dir', None, 'tfds data_dir, if not the one used in training.')
+  flags.DEFINE_string('manual_dir', None, 'Where the ILSVRC-2012 tar files are, if the '
+                      'dataset is not prepared in data_dir (imported nets: imagenet2012).')
   flags.DEFINE_integer('dense_batch_size', None, 'Overrides config.dense_batch_size.')
   flags.DEFINE_integer('multicrop_batch_size', None, 'Overrides config.multicrop_batch_size.')
 
@@ -136,10 +142,12 @@ def main(argv):
                            '--scales=256,384,512.') from None
   try:
     evaluate_workdirs(FLAGS.workdir, protocols, scales, FLAGS.fuse, FLAGS.split,
-                      data_dir=FLAGS.data_dir, dense_batch_size=FLAGS.dense_batch_size,
-                      multicrop_batch_size=FLAGS.multicrop_batch_size)
+                      **{field: FLAGS[field].value for field in OVERRIDES})
   except (errors.ConfigError, FileNotFoundError) as e:  # A wrong workdir, split or --fuse.
-    sys.exit(f'vgg_jax.evaluate: {e}')
+    message = str(e)
+    for field in OVERRIDES:  # Said as this command takes it.
+      message = message.replace(f'--config.{field}=', f'--{field}=')
+    sys.exit(f'vgg_jax.evaluate: {message}')
 
 
 if __name__ == '__main__':

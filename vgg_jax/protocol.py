@@ -75,7 +75,7 @@ def test_scales(config) -> tuple[int, ...]:
 def check_scales(scales: Sequence[int], image_size: int) -> None:
   small = [q for q in scales if q < image_size]
   if small:
-    raise ValueError(f'Test scales {", ".join(map(str, small))} are smaller than the '
+    raise errors.ConfigError(f'Test scales {", ".join(map(str, small))} are smaller than the '
                      f'{image_size}-pixel training crop: every Q must be >= {image_size}.')
 
 
