@@ -119,6 +119,31 @@ def test_predict_scores_any_size_densely_and_names_the_top_k(photos):
   assert [t['name'] for t in top] == [names[i] for i in labels]
 
 
+def test_predict_reads_grey_and_transparent_images_as_the_training_pipeline_does(photos):
+  """Grey is repeated to RGB (tf.io.decode_image); alpha is composited on white (PIL, as
+  image_folder's preparation does)."""
+  from PIL import Image  # pylint: disable=g-import-not-at-top
+  model, variables = tiny_net(num_classes=6)
+  prep = Preprocess(preprocess.Normalization(std_rgb=(64.0, 64.0, 64.0)), SIZE, scale=96)
+  predict = lambda image: vgg_jax.predict(model, variables, image, prep, k=6)[0]
+  photo = photos['chelsea']
+  grey = np.asarray(Image.fromarray(photo).convert('L'))
+  decoded = tf.io.decode_image(tf.io.encode_png(grey[..., None]), channels=3).numpy()
+  alpha = np.tile(np.linspace(0, 255, photo.shape[1]).astype(np.uint8), (photo.shape[0], 1))
+  rgba = np.concatenate([photo, alpha[..., None]], axis=-1)
+  white = Image.new('RGBA', (photo.shape[1], photo.shape[0]), (255, 255, 255, 255))
+  on_white = np.asarray(Image.alpha_composite(white, Image.fromarray(rgba)).convert('RGB'))
+  assert predict(grey) == predict(grey[..., None]) == predict(decoded)
+  assert predict(rgba) == predict(on_white)
+  opaque = np.concatenate([photo, np.full_like(photo[..., :1], 255)], axis=-1)
+  assert predict(opaque) == predict(photo)
+  assert predict(np.stack([grey, alpha], axis=-1)) == predict(
+      np.asarray(Image.alpha_composite(white, Image.fromarray(rgba).convert('LA').convert(
+          'RGBA')).convert('RGB')))
+  with pytest.raises(ValueError, match=r'C = 1 \(grey\).*got shape \(300, 451, 5\)'):
+    predict(np.zeros((300, 451, 5), np.uint8))
+
+
 def test_load_gives_the_checkpoints_net_parameters_and_normalisation(tmp_path):
   model, variables = tiny_net(variant='C', num_classes=4)
   config = default_config.get_config()
@@ -130,8 +155,13 @@ def test_load_gives_the_checkpoints_net_parameters_and_normalisation(tmp_path):
   assert (loaded_model.variant, loaded_model.num_classes, loaded_model.width) == ('C', 4, 1 / 16)
   jax.tree.map(np.testing.assert_array_equal, loaded, variables)
   assert prep == Preprocess(preprocess.Normalization(config.mean_rgb, (2.0, 3.0, 4.0), 'BGR'),
-                            SIZE, 80)
+                            SIZE, 80, test_scales=(64, 80, 96))
   assert vgg_jax.class_names(str(tmp_path)) == ['a', 'b', 'c', 'd']
+  # Appendix B's descriptors default to the net's test scales, Smin, the middle and Smax.
+  image = fresh_rng().integers(0, 256, (70, 90, 3), dtype=np.uint8)
+  np.testing.assert_array_equal(
+      vgg_jax.descriptors(loaded_model, loaded, image, prep),
+      vgg_jax.descriptors(loaded_model, loaded, image, prep, scales=(64, 80, 96)))
 
 
 def numpy_fc7_descriptor(pool5, params, grid):

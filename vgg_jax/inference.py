@@ -32,6 +32,23 @@ from vgg_jax import winograd
 Images = Union[np.ndarray, jax.Array, Sequence[np.ndarray]]
 
 
+def as_rgb(image) -> np.ndarray:
+  """A uint8 image as the training pipeline reads it, (H, W, 3) RGB: grey, (H, W) or
+  (H, W, 1), repeated to RGB (`tf.io.decode_image(..., channels=3)`); an alpha channel, grey
+  or RGB + alpha, composited on white (what image_folder's preparation does with PIL:
+  round((pixel * alpha + 255 * (255 - alpha)) / 255))."""
+  image = np.asarray(image)
+  if image.ndim == 2:
+    image = image[..., None]
+  if image.ndim != 3 or image.shape[-1] not in (1, 2, 3, 4):
+    raise ValueError(f'Expected an image (H, W) or (H, W, C) with C = 1 (grey), 2 (grey and '
+                     f'alpha), 3 (RGB) or 4 (RGBA); got shape {image.shape}.')
+  if image.shape[-1] in (2, 4):
+    alpha = image[..., -1:].astype(np.float64)
+    image = np.round((image[..., :-1] * alpha + 255 * (255 - alpha)) / 255).astype(np.uint8)
+  return np.repeat(image, 3, axis=-1) if image.shape[-1] == 1 else image
+
+
 @dataclasses.dataclass(frozen=True)
 class Preprocess:
   """What a net needs done to a photo: rescale to Q, crop, normalise (Sec. 3.2, Sec. 2.1).
@@ -42,18 +59,19 @@ class Preprocess:
     image_size: the training crop; fc6 sees (image_size / 32)^2 conv5 cells.
     scale: Q, the smallest image side after the isotropic rescale.
     dtype: the net's compute dtype.
+    test_scales: the multi-scale Q the net is tested at (Sec. 3.2), which `descriptors` use
+      (Appendix B); (): Q alone.
   """
   normalization: preprocessing.Normalization
   image_size: int
   scale: int
   dtype: str = 'float32'
+  test_scales: tuple[int, ...] = ()
 
   def rescale(self, image) -> np.ndarray:
-    """One (H, W, 3) image rescaled isotropically so its smallest side is Q, uint8
-    (bilinear, antialiased when shrinking, as the input pipeline does)."""
-    image = np.asarray(image)
-    if image.ndim != 3 or image.shape[-1] != 3:
-      raise ValueError(f'Expected an (H, W, 3) RGB image, got shape {image.shape}.')
+    """One image (`as_rgb`'s kinds) as RGB, rescaled isotropically so its smallest side is
+    Q, uint8 (bilinear, antialiased when shrinking, as the input pipeline does)."""
+    image = as_rgb(image)
     shape = (*protocol.rescaled_shape(*image.shape[:2], self.scale), 3)
     if shape == image.shape:
       return image.astype(np.uint8)
@@ -67,11 +85,10 @@ class Preprocess:
     return image[top:top + self.image_size, left:left + self.image_size]
 
   def __call__(self, images: Images) -> jax.Array:
-    """uint8 RGB images, (N, H, W, 3), one (H, W, 3), or a list of any sizes -> the net's
-    input (N, image_size, image_size, 3): each rescaled to Q, centre-cropped, normalised."""
-    if not isinstance(images, (list, tuple)) and np.ndim(images) == 3:
-      images = [images]
-    batch = np.stack([self.crop(self.rescale(image)) for image in images])
+    """uint8 images, (N, H, W, C), one (H, W[, C]), or a list of any sizes (`as_rgb`'s
+    kinds) -> the net's input (N, image_size, image_size, 3): each rescaled to Q,
+    centre-cropped, normalised."""
+    batch = np.stack([self.crop(self.rescale(image)) for image in _as_list(images)])
     return self.normalization(jnp.asarray(batch), models.DTYPES[self.dtype])
 
 
@@ -85,7 +102,8 @@ def load(path: str, step: Optional[int] = None) -> tuple[models.VGG, dict, Prepr
   params = jax.tree.map(jnp.asarray, jax.device_get(checkpoints.restore_params(path, config,
                                                                                step)))
   preprocess = Preprocess(preprocessing.Normalization.from_config(config), config.image_size,
-                          protocol.single_test_scale(config), config.dtype)
+                          protocol.single_test_scale(config), config.dtype,
+                          protocol.test_scales(config))
   return model, {'params': params}, preprocess
 
 
@@ -179,7 +197,8 @@ _dense_descriptors = jax.jit(evaluation.dense_descriptors,
 
 
 def _as_list(images: Images) -> list:
-  if not isinstance(images, (list, tuple)) and np.ndim(images) == 3:
+  """One image ((H, W) or (H, W, C)) or several ((N, H, W, C) or a list) as a list."""
+  if not isinstance(images, (list, tuple)) and np.ndim(images) in (2, 3):
     return [images]
   return list(images)
 
@@ -215,18 +234,20 @@ def predict(model: models.VGG, variables: dict, images: Images, preprocess: Prep
 
 
 def descriptors(model: models.VGG, variables: dict, images: Images, preprocess: Preprocess,
-                scales: Sequence[int] = (256, 384, 512), aggregate: str = 'average',
+                scales: Optional[Sequence[int]] = None, aggregate: str = 'average',
                 layer: str = 'fc7', flip: bool = True) -> np.ndarray:
   """Appendix B's image descriptors, (N, 4096 at full width; x len(scales) when stacked).
 
-  Each image, any size, is rescaled to each Q in `scales`, the net applied densely, `layer`'s
+  Each image, any size, is rescaled to each Q in `scales` (default: the net's test scales,
+  `preprocess.test_scales`, which are Appendix B's {256, 384, 512} for the paper's nets
+  trained at S in [256, 512]), the net applied densely, `layer`'s
   output (after its ReLU) averaged over the locations and, with `flip`, over the image and its
   mirror; the scales' descriptors are averaged or stacked, then L2-normalised. A linear
   classifier on these recognises classes the net was not trained on (`vgg_jax.linear_probe`).
   """
   per_scale = []
   transformed = _transformed_kernels(model, variables['params'])
-  for q in scales:
+  for q in scales or preprocess.test_scales or (preprocess.scale,):
     at_q = dataclasses.replace(preprocess, scale=int(q))
     per_scale.append(np.concatenate([
         np.asarray(_dense_descriptors(variables['params'], *_padded(at_q.rescale(image)),
