@@ -1,6 +1,8 @@
 """`vgg_jax.summary`'s per-layer counts against the model itself, Table 2 and known figures."""
 
 import math
+import subprocess
+import sys
 
 import jax
 import jax.numpy as jnp
@@ -51,3 +53,18 @@ def test_table_has_a_row_per_layer_and_explains_the_cs231n_figure():
 def test_unknown_variant_raises_naming_the_valid_ones():
   with pytest.raises(ValueError, match="variant='F'.*A, A-LRN, B, C, D, E"):
     summary.layers('F')
+
+
+@pytest.mark.parametrize('image_size', [100, 0, -32])
+def test_sizes_that_are_not_positive_multiples_of_32_are_refused(image_size):
+  with pytest.raises(ValueError, match=rf'^image_size={image_size}: must be a positive multiple '
+                     'of 32'):
+    summary.layers('D', image_size=image_size)
+
+
+def test_command_line_refuses_a_size_in_one_line():
+  result = subprocess.run([sys.executable, '-m', 'vgg_jax.summary', '--image_size=100'],
+                          capture_output=True, text=True, timeout=120, check=False)
+  assert result.returncode == 1 and result.stdout == ''
+  assert result.stderr.strip() == ('vgg_jax.summary: image_size=100: must be a positive '
+                                   'multiple of 32 (five 2x2 max-pools), e.g. 224.')

@@ -11,6 +11,7 @@ per multiply-add, 92.8 GFLOP for net D.
 
 import dataclasses
 import math
+import sys
 from typing import Sequence
 
 from vgg_jax import models
@@ -33,6 +34,9 @@ def layers(variant: str = 'D', image_size: int = 224, width: float = 1.0,
   """The input, every weight layer, LRN and max-pool of `variant`, in order, for one image."""
   if variant not in models.VGG_SPECS:
     raise ValueError(f'variant={variant!r}: expected one of {", ".join(models.VARIANTS)}.')
+  if image_size <= 0 or image_size % models.DOWNSAMPLING:
+    raise ValueError(f'image_size={image_size}: must be a positive multiple of '
+                     f'{models.DOWNSAMPLING} (five 2x2 max-pools), e.g. 224.')
   size, channels = image_size, 3
   rows = [Layer('input', (size, size, channels), 0, 0)]
   for block, specs in enumerate(models.VGG_SPECS[variant], start=1):
@@ -100,15 +104,18 @@ def table(variant: str = 'D', image_size: int = 224, width: float = 1.0,
 
 def main(argv) -> None:
   del argv
-  print(table(FLAGS.variant, FLAGS.image_size, FLAGS.width, FLAGS.num_classes))
+  try:
+    print(table(FLAGS.variant, FLAGS.image_size, FLAGS.width, FLAGS.num_classes))
+  except ValueError as e:
+    sys.exit(f'vgg_jax.summary: {e}')
 
 
 if __name__ == '__main__':
-  from absl import app  # pylint: disable=g-import-not-at-top
   from absl import flags  # pylint: disable=g-import-not-at-top
+  from vgg_jax import cli  # pylint: disable=g-import-not-at-top
   flags.DEFINE_enum('variant', 'D', list(models.VARIANTS), 'Configuration of Table 1.')
   flags.DEFINE_integer('image_size', 224, 'Input size (a multiple of 32).')
   flags.DEFINE_float('width', 1.0, 'Channel multiplier.')
   flags.DEFINE_integer('num_classes', 1000, 'Width of fc8.')
   FLAGS = flags.FLAGS
-  app.run(main)
+  cli.run(main)
