@@ -109,8 +109,8 @@ def main(argv):
   # One synthetic test image shape: Q x long, padded as the test pipeline pads (bottom/right).
   q, size, batch = s['q'], s['image_size'], s['batch']
   step = models.DOWNSAMPLING
-  long = -(-math.ceil(s['aspect'] * q - 1e-9) // step) * step
-  padded = (-(-q // step) * step, long)
+  long = protocol.round_up(math.ceil(s['aspect'] * q - 1e-9), step)
+  padded = (protocol.round_up(q, step), long)
   rng = np.random.default_rng(0)
   images = np.zeros((batch, *padded, 3), np.uint8)
   images[:, :q, :long] = rng.integers(0, 256, (batch, q, long, 3), np.uint8)

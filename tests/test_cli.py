@@ -91,7 +91,10 @@ def test_quick_exit_waits_for_threads_runs_exit_handlers_and_keeps_the_exit_code
 def imported_net(tmp_path_factory):
   """A workdir holding a tiny net whose config names imagenet2012, as an imported net's does."""
   import jax  # pylint: disable=g-import-not-at-top
-  from vgg_jax import checkpoints, default_config, models, steps  # pylint: disable=g-import-not-at-top
+  from vgg_jax import checkpoints  # pylint: disable=g-import-not-at-top
+  from vgg_jax import default_config  # pylint: disable=g-import-not-at-top
+  from vgg_jax import models  # pylint: disable=g-import-not-at-top
+  from vgg_jax import steps  # pylint: disable=g-import-not-at-top
   config = default_config.get_config()
   config.update(variant='A', width=1 / 16, image_size=32, train_scale=32)
   params = steps.init_params(models.create_model(config), jax.random.key(0),
@@ -116,7 +119,7 @@ def test_bad_arguments_end_each_command_in_its_one_line_and_nothing_else(importe
       ('vgg_jax.evaluate', f'--workdir={net}', '--protocol=tencrop'):
           r"^vgg_jax\.evaluate: --protocol='tencrop': expected \"all\" or",
       ('vgg_jax.linear_probe', f'--workdir={net}', '--dataset=sklearn_digits', '--scales=a'):
-          r'^vgg_jax\.linear_probe: --scales=a: expected integers',
+          r'^vgg_jax\.linear_probe: --scales=a: expected integers, e\.g\. --scales=256',
       ('vgg_jax.main', '--config=experiments/configD.py:S=999', f'--workdir={tmp_path}'):
           r"^FATAL Flags parsing error: --config=experiments/configD.py:S=999: ValueError: "
           r"Config argument 'S=999': expected one of S=256, S=384, S=256-512",

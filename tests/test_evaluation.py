@@ -360,7 +360,7 @@ def test_every_example_is_scored_once_when_the_split_is_not_a_multiple_of_the_ba
       input_pipeline.get_builder(config), config, method, 34))
   np.testing.assert_array_equal(post.labels, split_labels(config))
   np.testing.assert_allclose(post.probs.sum(axis=1), 1.0, rtol=1e-5)
-  result = evaluation.errors(post)
+  result = evaluation.error_rates(post)
   top5 = np.argsort(-post.probs, axis=1)[:, :5]
   assert result['num_examples'] == 360
   assert result['top1_error'] == pytest.approx(np.mean(top5[:, 0] != post.labels))

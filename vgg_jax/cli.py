@@ -13,10 +13,9 @@ from typing import Optional
 
 # Before TensorFlow is first imported, which the entry points do after importing this. Its
 # oneDNN kernels replace none of the image ops the input pipeline runs (the streams' bytes
-# are the same either way); left on, TensorFlow announces them on every command. Its C++
-# INFO lines are chatter. A user's own settings win.
+# are the same either way); left on, TensorFlow announces them on every command, before its
+# log level applies. A user's own setting wins.
 os.environ.setdefault('TF_ENABLE_ONEDNN_OPTS', '0')
-os.environ.setdefault('TF_CPP_MIN_LOG_LEVEL', '1')
 
 from absl import app  # pylint: disable=g-import-not-at-top,wrong-import-position
 from absl import logging  # pylint: disable=g-import-not-at-top,wrong-import-position
@@ -120,6 +119,17 @@ def parse_flags_with_config(argv: list[str]) -> list[str]:
           sys.exit(f'{FLAGS_ERROR}: --config.{name}={value}: {config_arg} has no field '
                    f'{field!r}.{_near(field, fields)}')
   return app.parse_flags_with_usage(argv)
+
+
+def integers(flag) -> Optional[list[int]]:
+  """A list flag's values as ints (None when unset); an app.UsageError naming it otherwise."""
+  if not flag.value:
+    return None
+  try:
+    return [int(value) for value in flag.value]
+  except ValueError:
+    raise app.UsageError(f'--{flag.name}={",".join(flag.value)}: expected integers, e.g. '
+                         f'--{flag.name}=256,384,512.') from None
 
 
 # ---------------------------------------------------------------------------------------------

@@ -60,7 +60,7 @@ def evaluate_workdirs(workdir: str, protocols=protocol.PROTOCOLS, scales=None, f
   except (KeyError, ValueError) as e:
     raise errors.ConfigError(f'--split={split!r}: {configs[0].dataset} has splits '
                              f'{", ".join(builder.info.splits)}.') from e
-  num_examples = -(-split_info.num_examples // jax.process_count())
+  num_examples = evaluation.per_process(split_info.num_examples)
 
   results, members = {}, []
   for d, config in zip(dirs, configs):
@@ -82,7 +82,7 @@ def evaluate_workdirs(workdir: str, protocols=protocol.PROTOCOLS, scales=None, f
     for name, post in fused.items():
       per_net = [net_results[name] for _, _, net_results, _ in members]
       results[f'fused:{name}'] = {
-          **evaluation.errors(post),
+          **evaluation.error_rates(post),
           'net': '+'.join(r['net'] for r in per_net),
           'train_scale': ', '.join(r['train_scale'] for r in per_net),
           'scales': sorted({q for r in per_net for q in r['scales']}),
@@ -133,16 +133,9 @@ def main(argv):
     protocols = protocol.parse_protocols(FLAGS.protocol)
   except errors.ConfigError as e:
     raise app.UsageError(str(e)) from None
-  scales = None
-  if FLAGS.scales:
-    try:
-      scales = [int(q) for q in FLAGS.scales]
-    except ValueError:
-      raise app.UsageError(f'--scales={",".join(FLAGS.scales)}: expected integers, e.g. '
-                           '--scales=256,384,512.') from None
   try:
-    evaluate_workdirs(FLAGS.workdir, protocols, scales, FLAGS.fuse, FLAGS.split,
-                      **{field: FLAGS[field].value for field in OVERRIDES})
+    evaluate_workdirs(FLAGS.workdir, protocols, cli.integers(FLAGS['scales']), FLAGS.fuse,
+                      FLAGS.split, **{field: FLAGS[field].value for field in OVERRIDES})
   except (errors.ConfigError, FileNotFoundError) as e:  # A wrong workdir, split or --fuse.
     message = str(e)
     for field in OVERRIDES:  # Said as this command takes it.

@@ -1,11 +1,11 @@
-"""Trained and imported nets in a notebook: load, preprocess, features, predict.
+"""Trained and imported nets in a notebook: load, transform, features, predict.
 
-  model, variables, preprocess = vgg_jax.load('workdirs/vgg16')   # a workdir or a convert DIR
-  x = preprocess(photos)                       # uint8 RGB -> the net's input (Q, centre crop)
+  model, variables, transform = vgg_jax.load('workdirs/vgg16')    # a workdir or a convert DIR
+  x = transform(photos)                        # uint8 RGB -> the net's input (Q, centre crop)
   feats = vgg_jax.features(model, variables, x, layers=('conv5_3', 'fc7'))
-  top5 = vgg_jax.predict(model, variables, photo, preprocess,
+  top5 = vgg_jax.predict(model, variables, photo, transform,
                          class_names=vgg_jax.class_names('workdirs/vgg16'))
-  d = vgg_jax.descriptors(model, variables, photos, preprocess)  # Appendix B, (N, 4096)
+  d = vgg_jax.descriptors(model, variables, photos, transform)  # Appendix B, (N, 4096)
 
 No tensorflow: images are numpy or jax arrays.
 """
@@ -24,7 +24,7 @@ from vgg_jax import checkpoints
 from vgg_jax import evaluation
 from vgg_jax import models
 from vgg_jax import ops
-from vgg_jax import preprocess as preprocessing
+from vgg_jax import preprocess
 from vgg_jax import protocol
 from vgg_jax import run_files
 from vgg_jax import winograd
@@ -50,7 +50,7 @@ def as_rgb(image) -> np.ndarray:
 
 
 @dataclasses.dataclass(frozen=True)
-class Preprocess:
+class InputTransform:
   """What a net needs done to a photo: rescale to Q, crop, normalise (Sec. 3.2, Sec. 2.1).
 
   Attributes:
@@ -62,7 +62,7 @@ class Preprocess:
     test_scales: the multi-scale Q the net is tested at (Sec. 3.2), which `descriptors` use
       (Appendix B); (): Q alone.
   """
-  normalization: preprocessing.Normalization
+  normalization: preprocess.Normalization
   image_size: int
   scale: int
   dtype: str = 'float32'
@@ -92,8 +92,12 @@ class Preprocess:
     return self.normalization(jnp.asarray(batch), models.DTYPES[self.dtype])
 
 
-def load(path: str, step: Optional[int] = None) -> tuple[models.VGG, dict, Preprocess]:
-  """(model, variables, preprocess) of a training workdir or a `vgg_jax.convert` output: the
+# The former name, until tests/test_winograd.py (issue 27's) moves to InputTransform.
+Preprocess = InputTransform
+
+
+def load(path: str, step: Optional[int] = None) -> tuple[models.VGG, dict, InputTransform]:
+  """(model, variables, transform) of a training workdir or a `vgg_jax.convert` output: the
   newest checkpoint (or `step`), the net its config describes, its input normalisation."""
   config = checkpoints.load_config(path, step)
   model = models.create_model(config)
@@ -101,10 +105,10 @@ def load(path: str, step: Optional[int] = None) -> tuple[models.VGG, dict, Prepr
   # (`_with_transformed_kernels`).
   params = jax.tree.map(jnp.asarray, jax.device_get(checkpoints.restore_params(path, config,
                                                                                step)))
-  preprocess = Preprocess(preprocessing.Normalization.from_config(config), config.image_size,
-                          protocol.single_test_scale(config), config.dtype,
-                          protocol.test_scales(config))
-  return model, {'params': params}, preprocess
+  transform = InputTransform(preprocess.Normalization.from_config(config), config.image_size,
+                             protocol.single_test_scale(config), config.dtype,
+                             protocol.test_scales(config))
+  return model, {'params': params}, transform
 
 
 class _TransformedKernels:
@@ -152,7 +156,7 @@ def _feature_names(variant: str) -> list[str]:
 
 def features(model: models.VGG, variables: dict, images: jax.Array,
              layers: Sequence[str] = ('conv5_3', 'fc7'), dense: bool = False) -> dict:
-  """The activations of the named layers for net inputs `images` (see `Preprocess`).
+  """The activations of the named layers for net inputs `images` (see `InputTransform`).
 
   Names are the paper's: conv1_1 ... conv5_4 and fc6, fc7 after their ReLU (fc7's are the
   4096-d image features of transfer-learning papers), pool1 ... pool5 after each max-pool, and
@@ -207,12 +211,13 @@ def _padded(image: np.ndarray) -> tuple[jax.Array, jax.Array]:
   """One rescaled image zero-padded to multiples of 32, and its (height, width), batched."""
   step = models.DOWNSAMPLING
   height, width = image.shape[:2]
-  padded = np.zeros((1, -(-height // step) * step, -(-width // step) * step, 3), np.uint8)
+  padded = np.zeros((1, protocol.round_up(height, step), protocol.round_up(width, step), 3),
+                    np.uint8)
   padded[0, :height, :width] = image
   return jnp.asarray(padded), jnp.asarray([[height, width]])
 
 
-def predict(model: models.VGG, variables: dict, images: Images, preprocess: Preprocess,
+def predict(model: models.VGG, variables: dict, images: Images, transform: InputTransform,
             k: int = 5, class_names: Optional[Sequence[str]] = None,
             flip: bool = False) -> list[list[dict]]:
   """Top-k classes of each image, any size: rescaled to Q and scored densely, the class
@@ -224,8 +229,8 @@ def predict(model: models.VGG, variables: dict, images: Images, preprocess: Prep
   results = []
   transformed = _transformed_kernels(model, variables['params'])
   for image in _as_list(images):
-    probs = _dense_posteriors(variables['params'], *_padded(preprocess.rescale(image)),
-                              model=model, normalization=preprocess.normalization, flip=flip,
+    probs = _dense_posteriors(variables['params'], *_padded(transform.rescale(image)),
+                              model=model, normalization=transform.normalization, flip=flip,
                               transformed=transformed)[0]
     top = np.argsort(-np.asarray(probs), kind='stable')[:k]
     results.append([{'label': int(i), **({'name': class_names[i]} if class_names else {}),
@@ -233,13 +238,13 @@ def predict(model: models.VGG, variables: dict, images: Images, preprocess: Prep
   return results
 
 
-def descriptors(model: models.VGG, variables: dict, images: Images, preprocess: Preprocess,
+def descriptors(model: models.VGG, variables: dict, images: Images, transform: InputTransform,
                 scales: Optional[Sequence[int]] = None, aggregate: str = 'average',
                 layer: str = 'fc7', flip: bool = True) -> np.ndarray:
   """Appendix B's image descriptors, (N, 4096 at full width; x len(scales) when stacked).
 
   Each image, any size, is rescaled to each Q in `scales` (default: the net's test scales,
-  `preprocess.test_scales`, which are Appendix B's {256, 384, 512} for the paper's nets
+  `transform.test_scales`, which are Appendix B's {256, 384, 512} for the paper's nets
   trained at S in [256, 512]), the net applied densely, `layer`'s
   output (after its ReLU) averaged over the locations and, with `flip`, over the image and its
   mirror; the scales' descriptors are averaged or stacked, then L2-normalised. A linear
@@ -247,11 +252,11 @@ def descriptors(model: models.VGG, variables: dict, images: Images, preprocess: 
   """
   per_scale = []
   transformed = _transformed_kernels(model, variables['params'])
-  for q in scales or preprocess.test_scales or (preprocess.scale,):
-    at_q = dataclasses.replace(preprocess, scale=int(q))
+  for q in scales or transform.test_scales or (transform.scale,):
+    at_q = dataclasses.replace(transform, scale=int(q))
     per_scale.append(np.concatenate([
         np.asarray(_dense_descriptors(variables['params'], *_padded(at_q.rescale(image)),
-                                      model=model, normalization=preprocess.normalization,
+                                      model=model, normalization=transform.normalization,
                                       flip=flip, layer=layer, transformed=transformed))
         for image in _as_list(images)]))
   return evaluation.aggregate_descriptors(per_scale, aggregate)

@@ -36,16 +36,20 @@ class TrainState(train_state.TrainState):
   nonfinite_steps: Any = 0
 
 
+def _local_sharding(*spec) -> jax.sharding.NamedSharding:
+  """A sharding over the local devices, in pmap's order, along AXIS."""
+  mesh = jax.sharding.Mesh(np.asarray(jax.local_devices()), (AXIS,))
+  return jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec(*spec))
+
+
 def replicated_sharding() -> jax.sharding.NamedSharding:
   """How the pmapped steps hold the state: one full copy on every local device."""
-  mesh = jax.sharding.Mesh(np.asarray(jax.local_devices()), (AXIS,))
-  return jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())
+  return _local_sharding()
 
 
 def batch_sharding() -> jax.sharding.NamedSharding:
   """How the pmapped steps take a batch: leading axis split over the local devices."""
-  mesh = jax.sharding.Mesh(np.asarray(jax.local_devices()), (AXIS,))
-  return jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec(AXIS))
+  return _local_sharding(AXIS)
 
 
 def prefetch_to_device(batches: Iterator, size: int = 2) -> Iterator:
@@ -136,9 +140,9 @@ def create_plateau(config) -> optax.GradientTransformationExtraArgs:
 def init_params(model: models.VGG, rng: jax.Array, dummy: jax.Array):
   """`model.init`'s parameters, compiled with XLA's backend optimisations off on CPU.
 
-  The initialisers' normal draws go through threefry and erfinv, which XLA's CPU backend takes
-  ~9 s to optimise for a whole VGG and ~1.3 s not to; init runs once, so the slower code
-  costs nothing that matters. The draws are the same distribution (values may differ from an
+  The initialisers' normal draws go through threefry and erfinv, which XLA's CPU backend is
+  slow to optimise for a whole VGG; init runs once, so the unoptimised code costs nothing
+  that matters. The draws are the same distribution (values may differ from an
   optimised compilation in the last bit).
   """
   init = jax.jit(lambda r: model.init(r, dummy, train=False)).lower(rng)
