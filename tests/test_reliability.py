@@ -301,6 +301,25 @@ def test_divergence_stops_training_naming_the_step_and_keeps_the_last_checkpoint
   assert step == bad_step - 1 and all_finite(params)
 
 
+def test_a_nonfinite_step_stops_the_run_at_the_next_step_not_at_the_next_log(
+    tmp_path, digits_config, monkeypatch):
+  """Logs and checkpoints every 100 steps; the run diverges within a few steps and must not
+  run on to step 40 before noticing."""
+  config = tiny_config(digits_config, learning_rate=1e6, num_train_steps=40, log_every_steps=100,
+                       checkpoint_every_steps=100, eval_every_steps=100)
+  calls, pmap_train_step = [], steps.pmap_train_step
+
+  def counted(*args, **kwargs):
+    step = pmap_train_step(*args, **kwargs)
+    return lambda *a: calls.append(1) or step(*a)
+
+  monkeypatch.setattr(steps, 'pmap_train_step', counted)
+  with pytest.raises(train.NonFiniteError, match=r'^step (\d+): ') as e:
+    train.train_and_evaluate(config, str(tmp_path))
+  bad_step = int(re.match(r'step (\d+)', str(e.value)).group(1))
+  assert bad_step < 39 and len(calls) == bad_step + 1, (bad_step, len(calls))
+
+
 def test_skip_nonfinite_steps_trains_on_and_counts_what_it_skipped(tmp_path, digits_config,
                                                                    caplog):
   config = tiny_config(digits_config, learning_rate=1e6, num_train_steps=6,
