@@ -63,12 +63,12 @@ def get_config(arg: Optional[str] = None) -> ml_collections.ConfigDict:
   # the paper's does (the miniatures of docs/reproduction.md).
   config.init_std_as_full_size = False
   # How the 3x3 convolutions are computed: 'xla' (XLA's convolution), 'winograd' (F(4x4, 3x3)
-  # with C++ transforms, float32 on the CPU: 1.3-2.4x faster per layer in training) or 'auto'
-  # (Winograd on the CPU for float32 layers of >= 16 input channels and >= 32 4x4 tiles, if a
-  # C++ compiler is found; XLA's elsewhere). Same values up to float32 rounding.
+  # with C++ transforms, float32 on the CPU, faster per layer in training: BENCHMARKS.md) or
+  # 'auto' (Winograd on the CPU for float32 layers of >= 16 input channels and >= 32 4x4
+  # tiles, if a C++ compiler is found; XLA's elsewhere). Same values up to float32 rounding.
   config.conv_algorithm = 'auto'
   # How XLA's convolutions' kernel gradients are computed: 'conv' (XLA's convolution),
-  # 'matmul' (one matmul per kernel tap, 2-5x faster on CPU for large layers) or 'auto' (matmul
+  # 'matmul' (one matmul per kernel tap, faster on CPU for large layers) or 'auto' (matmul
   # on CPU for layers whose kernel gradient is >= 2**28 FLOPs). Same values.
   config.weight_grad = 'auto'
   # Start from another run's newest checkpoint, or imported weights (vgg_jax.convert), whose
