@@ -68,6 +68,25 @@ def totals(variant: str = 'D', image_size: int = 224, width: float = 1.0,
           'activations': sum(r.activations for r in rows)}
 
 
+def dense_macs(variant: str, size: tuple[int, int], image_size: int = 224, width: float = 1.0,
+               num_classes: int = 1000) -> int:
+  """Multiply-adds of one pass of the net applied densely (Sec. 3.2) to a (height, width)
+  input, each a multiple of 32: the convolutions over all of it, fc6 as a (image_size /
+  32)^2-window convolution over pool5, and fc7 and fc8 at each of fc6's outputs. At
+  (image_size, image_size), `totals`' count."""
+  height, width_px = size
+  if height % models.DOWNSAMPLING or width_px % models.DOWNSAMPLING or min(size) < image_size:
+    raise ValueError(f'size={size}: each side must be a multiple of {models.DOWNSAMPLING} and '
+                     f'at least image_size={image_size}.')
+  rows = layers(variant, image_size, width, num_classes)
+  convs = sum(r.macs for r in rows if r.name.startswith('conv'))
+  fcs = sum(r.macs for r in rows if r.name.startswith('fc'))
+  grid = image_size // models.DOWNSAMPLING
+  locations = ((height // models.DOWNSAMPLING - grid + 1) *
+               (width_px // models.DOWNSAMPLING - grid + 1))
+  return convs * height * width_px // image_size ** 2 + locations * fcs
+
+
 def train_flops_per_image(variant: str, image_size: int = 224, width: float = 1.0,
                           num_classes: int = 1000) -> float:
   """Model FLOPs of one training image: 2 FLOPs per multiply-add, forward plus a backward
