@@ -2,9 +2,10 @@
 
 `write` merges a run's results into WORKDIR/eval/results.json and redraws
 WORKDIR/eval/results.md, one table per split and checkpoint step: each entry records its
-dataset, split, test scales and checkpoint step, and no table mixes splits or steps. A paper number is shown only where our run is the paper's
-experiment: ImageNet ILSVRC-2012 validation, full width, 224 crops, the paper's training
-scale and its test scales for that protocol.
+dataset, split, test scales and checkpoint step, and no table mixes splits or steps. A paper
+number is shown only where our run is the paper's experiment: ImageNet ILSVRC-2012
+validation, full width, 224 crops, the paper's training scale and its test scales for that
+protocol.
 """
 
 import json
