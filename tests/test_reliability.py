@@ -186,6 +186,8 @@ class _RaisesSignalWhenCollected:
     signal.raise_signal(signal.SIGINT)
 
 
+# Python reports the ignored KeyboardInterrupt through pytest as a warning: what is tested.
+@pytest.mark.filterwarnings('ignore::pytest.PytestUnraisableExceptionWarning')
 def test_a_second_ctrl_c_aborts_even_when_its_interrupt_lands_in_a_del():
   before = signal.getsignal(signal.SIGINT)
   preemption = train.Preemption()

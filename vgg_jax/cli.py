@@ -159,8 +159,8 @@ def run(main, **kwargs) -> None:
   """`absl.app.run(main)`, with one-line usage errors and Ctrl-C, then a quick exit.
 
   The exit skips the interpreter's teardown of TensorFlow's modules, which costs seconds
-  every run of every command (BENCHMARKS.md, "Command exit"). What a normal exit does before
-  that teardown is done first, in its order: the program's threads are stopped and joined
+  every run of every command (BENCHMARKS.md, section 7). What a normal exit does before that
+  teardown is done first, in its order: the program's threads are stopped and joined
   (Orbax's writes end; `threading._shutdown` is what Python's own exit calls, and the only
   way to stop the idle workers of concurrent.futures pools), then the exit handlers run (JAX,
   logging and file flushes).
