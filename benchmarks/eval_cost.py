@@ -7,7 +7,13 @@ the same features. This measures that cost as `vgg_jax.evaluation` implements it
 method's device step (`dense_posteriors`, `multicrop_posteriors`), jitted on one device, on a
 batch of random uint8 images of one synthetic shape (Q x aspect * Q, the long side rounded up
 to a multiple of 32) and random parameters. The inputs are already on the device: host
-decoding, rescaling and cropping are not timed.
+decoding, rescaling and cropping are not timed. The two methods take turns, one timed run
+each, so the time ratio is measured side by side.
+
+FLOPs are the model's, counted from Table 1 (`vgg_jax.summary`: 2 per multiply-add, the dense
+net over the padded image, fc6 as a convolution): XLA's cost analysis, printed beside them,
+does not count the Winograd convolutions' C++ custom calls (`config.conv_algorithm`), so on a
+CPU it misses most of the work.
 
   python -m benchmarks.eval_cost --variant=D --q=384 --batch=8 --dtype=bfloat16
   python -m benchmarks.eval_cost --smoke  # Tiny settings, seconds on a CPU.
@@ -20,7 +26,6 @@ import math
 import statistics
 import sys
 import time
-import types
 
 from absl import app
 from absl import flags
@@ -32,6 +37,7 @@ from vgg_jax import evaluation
 from vgg_jax import models
 from vgg_jax import preprocess
 from vgg_jax import protocol
+from vgg_jax import summary
 
 FLAGS = flags.FLAGS
 flags.DEFINE_enum('variant', 'D', list(models.VARIANTS), 'VGG configuration (Table 1).')
@@ -78,30 +84,33 @@ def flops(compiled) -> float | None:
   return float(value) if value and value > 0 else None
 
 
-def time_method(fn, args, num_steps: int, warmup: int) -> dict:
-  """Compiles `fn` on `args`, runs it `warmup` times, then times `num_steps` runs."""
-  start = time.perf_counter()
-  compiled = jax.jit(fn).lower(*args).compile()
-  compile_s = time.perf_counter() - start
-  for _ in range(warmup):
-    jax.block_until_ready(compiled(*args))
-  times = []
-  for _ in range(num_steps):
+def time_in_turns(methods: dict, num_steps: int, warmup: int) -> dict:
+  """Compiles each {name: (fn, args)}, runs each `warmup` times, then times `num_steps` runs of
+  each, the methods taking turns."""
+  compiled, results = {}, {}
+  for name, (fn, args) in methods.items():
     start = time.perf_counter()
-    jax.block_until_ready(compiled(*args))
-    times.append(time.perf_counter() - start)
-  return {'compile_s': compile_s, 'seconds_per_batch': statistics.median(times),
-          'all_seconds': times, 'flops_per_batch': flops(compiled)}
+    compiled[name] = jax.jit(fn).lower(*args).compile()
+    results[name] = {'compile_s': time.perf_counter() - start, 'all_seconds': [],
+                     'xla_flops_per_batch': flops(compiled[name])}
+    for _ in range(warmup):
+      jax.block_until_ready(compiled[name](*args))
+  for _ in range(num_steps):
+    for name, (_, args) in methods.items():
+      start = time.perf_counter()
+      jax.block_until_ready(compiled[name](*args))
+      results[name]['all_seconds'].append(time.perf_counter() - start)
+  for r in results.values():
+    r['seconds_per_batch'] = statistics.median(r['all_seconds'])
+  return results
 
 
 def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f'Unexpected arguments: {argv[1:]}')
   s = settings()
-  config = types.SimpleNamespace(variant=s['variant'], num_classes=s['num_classes'],
-                                 dropout_rate=0.5, dtype=s['dtype'], width=s['width'],
-                                 init='paper', init_std=0.01)
-  model = models.create_model(config)
+  model = models.VGG(variant=s['variant'], num_classes=s['num_classes'],
+                     dtype=models.DTYPES[s['dtype']], width=s['width'])
   normalization = preprocess.Normalization()  # The paper's; it does not change the cost.
   device = jax.devices()[0]
 
@@ -112,8 +121,8 @@ def main(argv):
   # One synthetic test image shape: Q x long, padded as the test pipeline pads (bottom/right).
   q, size, batch = s['q'], s['image_size'], s['batch']
   step = models.DOWNSAMPLING
-  long = -(-math.ceil(s['aspect'] * q - 1e-9) // step) * step
-  padded = (-(-q // step) * step, long)
+  long = protocol.round_up(math.ceil(s['aspect'] * q - 1e-9), step)
+  padded = (protocol.round_up(q, step), long)
   rng = np.random.default_rng(0)
   images = np.zeros((batch, *padded, 3), np.uint8)
   images[:, :q, :long] = rng.integers(0, 256, (batch, q, long, 3), np.uint8)
@@ -128,24 +137,24 @@ def main(argv):
   multicrop = lambda p, x: evaluation.multicrop_posteriors(p, x, model=model,
                                                            normalization=normalization)
   methods = {
-      protocol.DENSE: (dense, (params, *jax.device_put((images, sizes), device)), 2),
-      protocol.MULTICROP: (multicrop, (params, jax.device_put(crops, device)),
-                             2 * protocol.CROP_GRID ** 2),
+      protocol.DENSE: (dense, (params, *jax.device_put((images, sizes), device))),
+      protocol.MULTICROP: (multicrop, (params, jax.device_put(crops, device))),
   }
-  results = {}
-  for name, (fn, args, views) in methods.items():
-    r = time_method(fn, args, s['steps'], s['warmup'])
+  net = (s['variant'], size, s['width'], s['num_classes'])
+  views = {protocol.DENSE: 2, protocol.MULTICROP: 2 * protocol.CROP_GRID ** 2}
+  macs_per_view = {protocol.DENSE: summary.dense_macs(s['variant'], padded, *net[1:]),
+                   protocol.MULTICROP: summary.totals(*net)['macs']}
+  results = time_in_turns(methods, s['steps'], s['warmup'])
+  for name, r in results.items():
     per_image = r['seconds_per_batch'] / batch
-    results[name] = {
-        'views_per_image': views, **r, 'ms_per_image': 1e3 * per_image,
-        'images_per_s': 1.0 / per_image,
-        'gflops_per_image': (r['flops_per_batch'] / batch / 1e9 if r['flops_per_batch']
-                             else None),
-    }
+    r.update(views_per_image=views[name], ms_per_image=1e3 * per_image,
+             images_per_s=1.0 / per_image,
+             gflops_per_image=2 * views[name] * macs_per_view[name] / 1e9,
+             xla_gflops_per_image=(r['xla_flops_per_batch'] / batch / 1e9
+                                   if r['xla_flops_per_batch'] else None))
   ratio = results[protocol.MULTICROP]['ms_per_image'] / results[protocol.DENSE]['ms_per_image']
   flops_ratio = (results[protocol.MULTICROP]['gflops_per_image'] /
-                 results[protocol.DENSE]['gflops_per_image']
-                 if all(r['gflops_per_image'] for r in results.values()) else None)
+                 results[protocol.DENSE]['gflops_per_image'])
 
   command = ' '.join(['python -m benchmarks.eval_cost', *sys.argv[1:]])
   print(f'command: {command}')
@@ -154,16 +163,15 @@ def main(argv):
         f'Q = {q}: test image {q}x{long} (padded {padded[0]}x{padded[1]}), batch {batch}, '
         f'median of {s["steps"]} after {s["warmup"]} warm-up')
   header = (f'{"method":<10} {"views/img":>9} {"s/batch":>9} {"ms/img":>9} {"img/s":>9} '
-            f'{"GFLOP/img":>10} {"compile s":>9}')
+            f'{"GFLOP/img":>10} {"XLA GFLOP":>10} {"compile s":>9}')
   print(header)
   print('-' * len(header))
   for name, r in results.items():
-    gflops = f'{r["gflops_per_image"]:.2f}' if r['gflops_per_image'] else 'n/a'
+    xla = f'{r["xla_gflops_per_image"]:.2f}' if r['xla_gflops_per_image'] else 'n/a'
     print(f'{name:<10} {r["views_per_image"]:>9} {r["seconds_per_batch"]:>9.4f} '
-          f'{r["ms_per_image"]:>9.2f} {r["images_per_s"]:>9.2f} {gflops:>10} '
-          f'{r["compile_s"]:>9.1f}')
-  print(f'multicrop / dense cost per image: {ratio:.2f}x time'
-        + (f', {flops_ratio:.2f}x FLOPs' if flops_ratio else ''))
+          f'{r["ms_per_image"]:>9.2f} {r["images_per_s"]:>9.2f} '
+          f'{r["gflops_per_image"]:>10.2f} {xla:>10} {r["compile_s"]:>9.1f}')
+  print(f'multicrop / dense cost per image: {ratio:.2f}x time, {flops_ratio:.2f}x FLOPs')
 
   if FLAGS.json:
     report = {'command': command, 'jax_version': jax.__version__,

@@ -55,7 +55,7 @@ def prepare_jax(variant: str, width: float, size: int, batch: int, num_classes: 
   variables = {'params': steps.init_params(model, jax.random.key(0), x[:1])}
   image = np.random.default_rng(1).integers(0, 256, (size, size, 3), np.uint8)
   # The paper's mean RGB; Q = the image's size, so predict's rescale leaves it as it is.
-  at_q = inference.Preprocess(preprocess.Normalization(), size, size)
+  at_q = inference.InputTransform(preprocess.Normalization(), size, size)
 
   def features():
     jax.block_until_ready(inference.features(model, variables, x, layers=('fc7', 'fc8')))

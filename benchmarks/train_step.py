@@ -136,10 +136,13 @@ def synthetic_batch(batch: int, image_size: int, num_classes: int, seed: int = 0
 
 
 def jax_config(variant: str, dtype: str, s: dict) -> Config:
+  """The paper's settings (default_config's, written out: no ml_collections here)."""
   return Config(variant=variant, num_classes=s['num_classes'], dropout_rate=0.5, dtype=dtype,
-                width=s['width'], init='paper', init_std=0.01, learning_rate=0.01,
-                momentum=0.9, weight_decay=5e-4, lr_plateau_factor=0.1, lr_plateau_patience=3,
-                lr_max_decreases=3, mean_rgb=MEAN_RGB, color_shift_std=COLOR_SHIFT_STD,
+                width=s['width'], init='paper', init_std=0.01, init_std_as_full_size=False,
+                conv_algorithm='auto', weight_grad='auto', learning_rate=0.01, momentum=0.9,
+                sgd_form='caffe', weight_decay=5e-4, frozen_layers='', lr_plateau_factor=0.1,
+                lr_plateau_patience=3, lr_max_decreases=3, mean_rgb=MEAN_RGB,
+                std_rgb=(1.0, 1.0, 1.0), channel_order='RGB', color_shift_std=COLOR_SHIFT_STD,
                 grad_accum_steps=1)
 
 
@@ -189,11 +192,13 @@ def jax_device_peak() -> dict:
 
 
 def loop_rate(config: Config, s: dict, *, donate: bool = True, pull_every: int = 0,
-              prefetch: bool = True, input_dtype=np.uint8) -> float:
+              prefetch: bool = True, input_dtype=np.uint8,
+              check_each_step: bool = True) -> float:
   """Images/s of a training loop fed from host numpy batches, as `train.py` runs it.
 
   pull_every=0 pulls the metrics to the host after every step (a host sync per step);
-  otherwise every `pull_every` steps. prefetch=False puts each batch on the devices just
+  otherwise every `pull_every` steps. check_each_step reads the previous step's non-finite
+  flag each step (`train.TrainMetrics`). prefetch=False puts each batch on the devices just
   before its step instead of `steps.prefetch_to_device`'s two ahead. A float32
   input_dtype sends the batch as float32 (4x the bytes), cast back to uint8 values.
   """
@@ -220,6 +225,8 @@ def loop_rate(config: Config, s: dict, *, donate: bool = True, pull_every: int =
     if input_dtype != np.uint8:
       batch = dict(batch, image=batch['image'].astype(jnp.uint8))
     state, metrics = p_train_step(state, batch, rng)
+    if check_each_step and pending:
+      float(pending[-1]['nonfinite'])
     pending.append(metrics)
     if i + 1 == s['warmup']:
       jax.block_until_ready((state, pending))
@@ -238,6 +245,8 @@ def ablations(variant: str, dtype: str, s: dict) -> dict:
   out = {}
   for name, kwargs in (('train.py loop', {'pull_every': FLAGS.pull_every}),
                        ('metrics pulled every step', {'pull_every': 0}),
+                       ('non-finite flag read only with the metrics',
+                        {'pull_every': FLAGS.pull_every, 'check_each_step': False}),
                        ('no prefetch to device', {'pull_every': FLAGS.pull_every,
                                                   'prefetch': False}),
                        ('float32 transfer', {'pull_every': FLAGS.pull_every,

@@ -41,8 +41,10 @@ flags.DEFINE_string('remote_dir', 'vgg_jax', 'Where the code goes on each host (
 flags.DEFINE_string('logs_dir', 'tpu_logs', 'Local directory; logs land in LOGS_DIR/NAME.')
 flags.DEFINE_bool('keep', False, 'Keep the TPU VM after the run (delete it yourself).')
 
-# What pip needs to install vgg_jax: the package, its configs, the metadata files.
-SOURCES = ('vgg_jax', 'experiments', 'setup.cfg', 'pyproject.toml', 'README.md')
+# What pip needs to install vgg_jax: the package, its configs, the metadata files, and the
+# versions it was tested with (constraints.txt, as the README's commands install it).
+SOURCES = ('vgg_jax', 'experiments', 'setup.cfg', 'pyproject.toml', 'README.md',
+           'constraints.txt')
 
 
 def _tpu_vm(verb: str, *args: str, zone: str, project: Optional[str]) -> list[str]:
@@ -66,10 +68,11 @@ def create_command(name: str, zone: str, accelerator_type: str, version: str,
 def setup_commands(name: str, zone: str, project: Optional[str] = None,
                    repo_url: Optional[str] = None, remote_dir: str = 'vgg_jax',
                    source_dir: Optional[str] = None) -> list[list[str]]:
-  """Code onto every host (clone, or scp of this checkout), then vgg_jax and jax[tpu]."""
+  """Code onto every host (clone, or scp of this checkout), then vgg_jax and jax[tpu] at
+  constraints.txt's versions."""
   remote = shlex.quote(remote_dir)
   install = (f'cd {remote} && python3 -m pip install -q -U pip && '
-             f'python3 -m pip install -q -e . "jax[tpu]"')
+             f'python3 -m pip install -q -e . "jax[tpu]" -c constraints.txt')
   if repo_url:
     return [_ssh_all(name, zone, project, f'set -e; git clone --depth=1 '
                      f'{shlex.quote(repo_url)} {remote}; {install}')]

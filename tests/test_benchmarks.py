@@ -57,7 +57,8 @@ def test_train_step_smoke_run_reports_throughput_flops_and_the_loop_ablations(tm
   assert row['jax']['images_per_s'] > 0 and len(row['jax']['step_times_s']) == 2
   assert row['jax']['images_per_s'] == row['jax']['images_per_step'] / row['jax']['median_step_s']
   ablations = row['ablations']
-  for name in ('train.py loop', 'metrics pulled every step', 'no prefetch to device',
+  for name in ('train.py loop', 'metrics pulled every step',
+               'non-finite flag read only with the metrics', 'no prefetch to device',
                'float32 transfer', 'no donation', 'kernel gradient as XLA convolution'):
     assert ablations[name]['images_per_s'] > 0, name
   assert ablations['batch_bytes']['float32'] == 4 * ablations['batch_bytes']['uint8']

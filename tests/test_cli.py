@@ -2,6 +2,7 @@
 
 import logging as std_logging
 import os
+import re
 import subprocess
 import sys
 
@@ -84,3 +85,51 @@ def test_quick_exit_waits_for_threads_runs_exit_handlers_and_keeps_the_exit_code
     assert (result.returncode, result.stdout) == (0, 'printed')
   else:
     assert result.returncode == 1 and result.stderr.strip() == 'tool: no such workdir'
+
+
+@pytest.fixture(scope='module')
+def imported_net(tmp_path_factory):
+  """A workdir holding a tiny net whose config names imagenet2012, as an imported net's does."""
+  import jax  # pylint: disable=g-import-not-at-top
+  from vgg_jax import checkpoints  # pylint: disable=g-import-not-at-top
+  from vgg_jax import default_config  # pylint: disable=g-import-not-at-top
+  from vgg_jax import models  # pylint: disable=g-import-not-at-top
+  from vgg_jax import steps  # pylint: disable=g-import-not-at-top
+  config = default_config.get_config()
+  config.update(variant='A', width=1 / 16, image_size=32, train_scale=32)
+  params = steps.init_params(models.create_model(config), jax.random.key(0),
+                             jax.numpy.zeros((1, 32, 32, 3)))
+  workdir = str(tmp_path_factory.mktemp('imported') / 'net')
+  checkpoints.save_params(workdir, params, config)
+  return workdir
+
+
+def test_bad_arguments_end_each_command_in_its_one_line_and_nothing_else(imported_net,
+                                                                         tmp_path):
+  """No usage text, traceback or TensorFlow notice before the line; the line names what the
+  command takes (`--manual_dir`, not main's `--config.manual_dir`)."""
+  repo = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+  net, empty = imported_net, str(tmp_path / 'tfds')
+  cases = {
+      ('vgg_jax.evaluate', f'--workdir={net}', f'--data_dir={empty}'):
+          r'^vgg_jax\.evaluate: config\.manual_dir=None: imagenet2012 is not prepared .* pass '
+          r'it as --manual_dir=DIR\.$',
+      ('vgg_jax.evaluate', f'--workdir={net}', '--scales=20'):
+          r'^vgg_jax\.evaluate: Test scales 20 are smaller than the 32-pixel training crop',
+      ('vgg_jax.evaluate', f'--workdir={net}', '--protocol=tencrop'):
+          r"^vgg_jax\.evaluate: --protocol='tencrop': expected \"all\" or",
+      ('vgg_jax.linear_probe', f'--workdir={net}', '--dataset=sklearn_digits', '--scales=a'):
+          r'^vgg_jax\.linear_probe: --scales=a: expected integers, e\.g\. --scales=256',
+      ('vgg_jax.main', '--config=experiments/configD.py:S=999', f'--workdir={tmp_path}'):
+          r"^FATAL Flags parsing error: --config=experiments/configD.py:S=999: ValueError: "
+          r"Config argument 'S=999': expected one of S=256, S=384, S=256-512",
+  }
+  env = {k: v for k, v in os.environ.items() if not k.startswith('TF_')}
+  runs = {case: subprocess.Popen([sys.executable, '-m', *case], cwd=repo, env=env,
+                                 stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+          for case in cases}
+  for case, pattern in cases.items():
+    _, err = runs[case].communicate(timeout=300)
+    assert runs[case].returncode == 1, (case, err[-3000:])
+    lines = err.strip().splitlines()
+    assert len(lines) == 1 and re.search(pattern, lines[0]), (case, err[-3000:])

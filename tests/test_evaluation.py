@@ -15,12 +15,12 @@ import types
 
 import jax
 import jax.numpy as jnp
-import ml_collections
 import numpy as np
 import pytest
 import tensorflow as tf
 import tensorflow_datasets as tfds
 
+from vgg_jax import default_config
 from vgg_jax import errors
 from vgg_jax import evaluation
 from vgg_jax import input_pipeline
@@ -233,8 +233,9 @@ def test_dense_image_is_rescaled_centre_cropped_to_max_aspect_and_padded(photos)
 
 def test_test_scales_follow_the_paper():
   def config(train_scale, test_scales=()):
-    return ml_collections.ConfigDict({'train_scale': train_scale, 'eval_scale': None,
-                                      'test_scales': test_scales})
+    config = default_config.get_config()
+    config.update(train_scale=train_scale, test_scales=test_scales)
+    return config
   assert protocol.test_scales(config(256)) == (224, 256, 288)
   assert protocol.single_test_scale(config(256)) == 256
   assert protocol.test_scales(config((256, 512))) == (256, 384, 512)
@@ -359,7 +360,7 @@ def test_every_example_is_scored_once_when_the_split_is_not_a_multiple_of_the_ba
       input_pipeline.get_builder(config), config, method, 34))
   np.testing.assert_array_equal(post.labels, split_labels(config))
   np.testing.assert_allclose(post.probs.sum(axis=1), 1.0, rtol=1e-5)
-  result = evaluation.errors(post)
+  result = evaluation.error_rates(post)
   top5 = np.argsort(-post.probs, axis=1)[:, :5]
   assert result['num_examples'] == 360
   assert result['top1_error'] == pytest.approx(np.mean(top5[:, 0] != post.labels))
@@ -419,10 +420,9 @@ def test_unknown_protocol_is_refused_naming_the_valid_ones():
 
 
 def imagenet_config(variant, train_scale):
-  return ml_collections.ConfigDict({
-      'variant': variant, 'train_scale': train_scale, 'dataset': 'imagenet2012',
-      'width': 1.0, 'image_size': 224, 'num_classes': 1000, 'eval_scale': None,
-      'test_scales': ()})
+  config = default_config.get_config()
+  config.update(variant=variant, train_scale=train_scale)
+  return config
 
 
 def test_paper_numbers_are_shown_only_for_the_papers_experiment():
@@ -445,6 +445,51 @@ def test_paper_numbers_are_shown_only_for_the_papers_experiment():
   e_jit = imagenet_config('E', (256, 512))
   assert report.paper_fusion_result([d_jit, e_jit], 'dense+multicrop', [[256, 384, 512]] * 2,
                                     'validation') == (23.7, 6.8)
+
+
+def protocol_results(names, scales, top1=0.25):
+  """evaluation.run's results for `names`, as it returns them."""
+  return {name: {'top1_error': top1, 'top5_error': top1 / 2, 'num_examples': 360,
+                 'scales': [scales[len(scales) // 2]] if name == 'single' else list(scales),
+                 'crops_per_image': 1, 'img_per_s': 10.0, 'compilations': 1}
+          for name in names}
+
+
+def test_results_record_split_scales_and_step_and_no_table_mixes_them(tmp_path,
+                                                                       digits_config):
+  """Every protocol on the test split at step 150, then single on the train split, then dense
+  at other scales on the test split at step 200: each entry keeps what it was, and each table
+  of results.md holds one split at one step."""
+  workdir = str(tmp_path)
+  write = lambda results, step, split: report.write(
+      workdir, report.annotate(results, digits_config, step, split), 'Evaluation')
+  write(protocol_results(protocol.PROTOCOLS, (32, 34, 36)), 150, 'test')
+  write(protocol_results(['single'], (32, 34, 36), top1=0.05), 150, 'train')
+  write(protocol_results(['dense'], (32, 36), top1=0.5), 200, 'test')
+
+  with open(os.path.join(workdir, 'eval', 'results.json')) as f:
+    merged = json.load(f)
+  assert {split: sorted(entries) for split, entries in merged.items()} == {
+      'test': sorted(protocol.PROTOCOLS), 'train': ['single']}
+  for split, entries in merged.items():
+    for name, r in entries.items():
+      assert (r['split'], r['dataset']) == (split, 'sklearn_digits'), name
+  assert (merged['test']['dense']['step'], merged['test']['dense']['scales']) == (200, [32, 36])
+  assert (merged['test']['multicrop']['step'], merged['test']['multicrop']['scales']) == (
+      150, [32, 34, 36])
+  assert merged['train']['single']['top1_error'] == 0.05
+
+  with open(os.path.join(workdir, 'eval', 'results.md')) as f:
+    text = f.read()
+  tables = {}
+  for part in text.split('\n## ')[1:]:
+    heading, rows = part.splitlines()[0], [l for l in part.splitlines() if l.startswith('| ')]
+    tables[heading] = [row.split(' | ')[0][2:] for row in rows[1:]]
+  assert tables == {
+      "Split 'test', checkpoint step 200: 360 examples": ['dense (Tables 4, 5)'],
+      "Split 'test', checkpoint step 150: 360 examples": [
+          'single (Table 3)', 'multicrop (Table 5)', 'dense+multicrop (Table 5)'],
+      "Split 'train', checkpoint step 150: 360 examples": ['single (Table 3)']}
 
 
 # ---------------------------------------------------------------------------------------------
@@ -523,14 +568,14 @@ def test_train_briefly_then_evaluate_every_protocol_and_fuse_two_nets(tmp_path, 
   # During training: the protocols ran at steps 75 and 150, in TensorBoard and results.json.
   assert set(tensorboard_scalars(net_a, 'test/dense/top1_error')) == {75, 150}
   with open(os.path.join(net_a, 'eval', 'results.json')) as f:
-    assert set(json.load(f)) == {'single', 'dense'}
+    assert set(json.load(f)['test[:120]']) == {'single', 'dense'}
   # A weak second net (40 steps) is enough for fusion's bookkeeping.
   run_main(net_b, digits_config.data_dir, '--config.num_train_steps=40', test_split,
            '--config.seed=1', '--config.variant=A')
 
   log = run_evaluate(f'--workdir={net_a}', '--protocol=all', f'--fuse={net_b}').stderr
   with open(os.path.join(net_a, 'eval', 'results.json')) as f:
-    results = json.load(f)
+    results = json.load(f)['test[:120]']
   protocols = ('single', 'dense', 'multicrop', 'dense+multicrop')
   assert set(results) == {*protocols, *(f'fused:{p}' for p in protocols)}
   # The digits are tested without flips (config.test_flip=False): 1 view per dense pass.
@@ -549,14 +594,15 @@ def test_train_briefly_then_evaluate_every_protocol_and_fuse_two_nets(tmp_path, 
   assert fused['members'][net_b]['top1_error'] >= 0
   with open(os.path.join(net_a, 'eval', 'results.md')) as f:
     table = f.read()
-  assert table.count('\n| ') == 1 + len(results)  # Header and one row per result.
+  # A table of net A's results at step 150, one of the fused nets' (steps 150 and 40).
+  assert table.count('\n| ') == 2 + len(results)  # Headers and one row per result.
   for words in ('dense Q=36', 'multicrop Q=32', 'img/s', 'ETA', 'Fused dense+multicrop'):
     assert words in log
 
   # --scales overrides the paper's scales; the other protocols' results are kept.
   run_evaluate(f'--workdir={net_a}', '--protocol=dense', '--scales=32,36')
   with open(os.path.join(net_a, 'eval', 'results.json')) as f:
-    rerun = json.load(f)
+    rerun = json.load(f)['test[:120]']
   assert set(rerun) == set(results)
   assert rerun['dense']['scales'] == [32, 36] and rerun['dense']['crops_per_image'] == 2
   assert rerun['multicrop'] == results['multicrop']

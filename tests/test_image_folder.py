@@ -9,6 +9,7 @@ import io
 import json
 import logging
 import os
+import shutil
 import struct
 import warnings
 import zlib
@@ -563,6 +564,25 @@ def test_class_without_a_usable_image_fails(tmp_path):
                      r'notes.txt \(not an image\), x.jpg \(empty'):
     input_pipeline.get_builder(config)
   _assert_nothing_prepared(config)
+
+
+def test_a_class_added_after_preparation_is_named_with_the_copy_to_delete(tmp_path):
+  """The prepared copy has the folder's old classes: reusing it would train on two classes
+  and say num_classes=3 is wrong."""
+  root = tmp_path / 'photos'
+  _small_folder(str(root), {})
+  config = _folder_config(root, tmp_path / 'tfds')
+  prepared = input_pipeline.get_builder(config).data_dir
+  _save(str(root / 'train' / 'astronaut' / '0.jpg'), _crop(_photos()['astronaut'], 0), 'JPEG')
+  with pytest.raises(errors.ConfigError) as error:
+    input_pipeline.get_builder(config)
+  assert str(error.value) == (
+      f"config.dataset='folder:{root}': the folder has 3 classes but its prepared copy in "
+      f'{prepared} has 2: since it was prepared, it gained astronaut. Delete {prepared} to '
+      'prepare the folder again with its classes now.')
+  shutil.rmtree(prepared)
+  assert input_pipeline.get_builder(config).info.features['label'].names == [
+      'astronaut', 'chelsea', 'coffee']
 
 
 def test_layout_errors(tmp_path):

@@ -1,4 +1,4 @@
-"""The notebook API: load, Preprocess, features, predict (vgg_jax.inference)."""
+"""The notebook API: load, InputTransform, features, predict (vgg_jax.inference)."""
 
 import os
 
@@ -15,7 +15,7 @@ from vgg_jax import input_pipeline
 from vgg_jax import models
 from vgg_jax import preprocess
 from vgg_jax import run_files
-from vgg_jax.inference import Preprocess
+from vgg_jax.inference import InputTransform
 
 SIZE = 64
 
@@ -80,7 +80,7 @@ def test_features_refuse_a_layer_the_net_does_not_have():
 def test_preprocess_rescales_to_q_crops_the_centre_and_normalises_like_the_input_pipeline(
     photos):
   norm = preprocess.Normalization((120.0, 110.0, 100.0), (50.0, 60.0, 70.0), 'BGR')
-  prep = Preprocess(norm, image_size=SIZE, scale=80)
+  prep = InputTransform(norm, image_size=SIZE, scale=80)
   photo = photos['coffee']  # 400 x 600
   rescaled = prep.rescale(photo)
   assert rescaled.shape == (80, 120, 3)
@@ -100,7 +100,7 @@ def softmax(z):
 def test_predict_scores_any_size_densely_and_names_the_top_k(photos):
   model, variables = tiny_net(num_classes=6)
   norm = preprocess.Normalization(std_rgb=(64.0, 64.0, 64.0))  # Unit inputs for He weights.
-  prep = Preprocess(norm, image_size=SIZE, scale=96)
+  prep = InputTransform(norm, image_size=SIZE, scale=96)
   names = [f'class {i}' for i in range(6)]
   photo = photos['chelsea']  # 300 x 451 -> 96 x 144
   (top,) = vgg_jax.predict(model, variables, photo, prep, k=4, class_names=names)
@@ -119,6 +119,32 @@ def test_predict_scores_any_size_densely_and_names_the_top_k(photos):
   assert [t['name'] for t in top] == [names[i] for i in labels]
 
 
+def test_predict_reads_grey_and_transparent_images_as_the_training_pipeline_does(photos):
+  """Grey is repeated to RGB (tf.io.decode_image); alpha is composited on white (PIL, as
+  image_folder's preparation does)."""
+  from PIL import Image  # pylint: disable=g-import-not-at-top
+  model, variables = tiny_net(num_classes=6)
+  prep = InputTransform(preprocess.Normalization(std_rgb=(64.0, 64.0, 64.0)), SIZE,
+                        scale=96)
+  predict = lambda image: vgg_jax.predict(model, variables, image, prep, k=6)[0]
+  photo = photos['chelsea']
+  grey = np.asarray(Image.fromarray(photo).convert('L'))
+  decoded = tf.io.decode_image(tf.io.encode_png(grey[..., None]), channels=3).numpy()
+  alpha = np.tile(np.linspace(0, 255, photo.shape[1]).astype(np.uint8), (photo.shape[0], 1))
+  rgba = np.concatenate([photo, alpha[..., None]], axis=-1)
+  white = Image.new('RGBA', (photo.shape[1], photo.shape[0]), (255, 255, 255, 255))
+  on_white = np.asarray(Image.alpha_composite(white, Image.fromarray(rgba)).convert('RGB'))
+  assert predict(grey) == predict(grey[..., None]) == predict(decoded)
+  assert predict(rgba) == predict(on_white)
+  opaque = np.concatenate([photo, np.full_like(photo[..., :1], 255)], axis=-1)
+  assert predict(opaque) == predict(photo)
+  assert predict(np.stack([grey, alpha], axis=-1)) == predict(
+      np.asarray(Image.alpha_composite(white, Image.fromarray(rgba).convert('LA').convert(
+          'RGBA')).convert('RGB')))
+  with pytest.raises(ValueError, match=r'C = 1 \(grey\).*got shape \(300, 451, 5\)'):
+    predict(np.zeros((300, 451, 5), np.uint8))
+
+
 def test_load_gives_the_checkpoints_net_parameters_and_normalisation(tmp_path):
   model, variables = tiny_net(variant='C', num_classes=4)
   config = default_config.get_config()
@@ -129,9 +155,15 @@ def test_load_gives_the_checkpoints_net_parameters_and_normalisation(tmp_path):
   loaded_model, loaded, prep = vgg_jax.load(str(tmp_path))
   assert (loaded_model.variant, loaded_model.num_classes, loaded_model.width) == ('C', 4, 1 / 16)
   jax.tree.map(np.testing.assert_array_equal, loaded, variables)
-  assert prep == Preprocess(preprocess.Normalization(config.mean_rgb, (2.0, 3.0, 4.0), 'BGR'),
-                            SIZE, 80)
+  assert prep == InputTransform(
+      preprocess.Normalization(config.mean_rgb, (2.0, 3.0, 4.0), 'BGR'), SIZE, 80,
+      test_scales=(64, 80, 96))
   assert vgg_jax.class_names(str(tmp_path)) == ['a', 'b', 'c', 'd']
+  # Appendix B's descriptors default to the net's test scales, Smin, the middle and Smax.
+  image = fresh_rng().integers(0, 256, (70, 90, 3), dtype=np.uint8)
+  np.testing.assert_array_equal(
+      vgg_jax.descriptors(loaded_model, loaded, image, prep),
+      vgg_jax.descriptors(loaded_model, loaded, image, prep, scales=(64, 80, 96)))
 
 
 def numpy_fc7_descriptor(pool5, params, grid):
@@ -156,14 +188,14 @@ def test_descriptors_average_fc7_over_windows_flips_and_scales_then_l2_normalise
   params = jax.tree.map(lambda x: np.asarray(x, np.float64), variables['params'])
   image = fresh_rng().integers(0, 256, (96, 128, 3), dtype=np.uint8)
   norm = preprocess.Normalization((120.0, 110.0, 100.0), (60.0, 60.0, 60.0), 'RGB')
-  prep = Preprocess(norm, SIZE, 96)
+  prep = InputTransform(norm, SIZE, 96)
   got = vgg_jax.descriptors(model, variables, [image], prep, scales=(100, 128),
                             aggregate=aggregate, flip=True)
   per_scale = []
   for q in (100, 128):
     views = []
     for view in (image, image[:, ::-1]):
-      x = Preprocess(norm, SIZE, q).rescale(view)
+      x = InputTransform(norm, SIZE, q).rescale(view)
       pool5 = vgg_jax.features(model, variables, norm(jnp.asarray(x[None]), jnp.float32),
                                layers=('pool5',), dense=True)['pool5'][0]
       views.append(numpy_fc7_descriptor(np.asarray(pool5, np.float64), params, SIZE // 32))

@@ -786,3 +786,17 @@ def test_normalization_divides_by_std_and_reorders_channels_as_imported_weights_
   caffe_like = preprocess.Normalization(tuple(MEAN_RGB), channel_order='BGR')
   bgr = photo_crops[..., ::-1].astype(np.float64) - MEAN_RGB[::-1]
   np.testing.assert_allclose(np.asarray(caffe_like(jnp.asarray(photo_crops))), bgr, atol=1e-4)
+
+
+
+def test_input_streams_run_no_autotuning_thread(digits_config, builder):
+  """A run ends when its loop does. tf.data's autotuner runs in a thread that sleeps between
+  optimisations, for periods doubling up to a minute, and an iterator's teardown joins it; in
+  TensorFlow 2.21 the thread can miss the teardown's cancellation (it rechecks before the
+  cancellation is marked done) and sleep its period out: runs lingered 5-57 s after their last
+  line. Without autotuning there is no such thread."""
+  streams = {'train': input_pipeline.train_dataset(builder, digits_config),
+             'eval': input_pipeline.eval_dataset(builder, digits_config)[0],
+             'test': input_pipeline.test_batches(builder, digits_config, protocol.DENSE, 32)}
+  for name, ds in streams.items():
+    assert not ds.options().autotune.enabled, name

@@ -74,7 +74,10 @@ def test_tpu_dry_run_creates_sets_up_runs_on_all_workers_copies_back_and_deletes
     assert '--worker=all' in command
   assert '--recurse' in copy and copy[-4] == 'vgg-d:vgg_jax'
   assert os.path.join(REPO, 'vgg_jax') in copy and os.path.join(REPO, 'setup.cfg') in copy
-  assert 'jax[tpu]' in remote_command(install) and '-e' in remote_command(install)
+  assert os.path.join(REPO, 'constraints.txt') in copy
+  install_words = remote_command(install)
+  assert 'jax[tpu]' in install_words and '-e' in install_words
+  assert install_words[-2:] == ['-c', 'constraints.txt']  # The versions the tests passed with.
   words = remote_command(run)
   start = words.index('python3')
   assert words[start:start + 3 + len(MAIN_ARGS)] == ['python3', '-m', 'vgg_jax.main', *MAIN_ARGS]

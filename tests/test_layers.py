@@ -155,6 +155,38 @@ def test_the_checker_reads_function_local_imports():
   assert 'vgg_jax.checkpoints' in imports('convert')
 
 
+def python_files(*folders: str) -> list[str]:
+  return sorted(os.path.join(root, f) for folder in folders
+                for root, _, files in os.walk(os.path.join(REPO, folder))
+                for f in files if f.endswith('.py'))
+
+
+def config_fallbacks(path: str) -> list[str]:
+  """`config.get(field, default)` and `getattr(config, field, default)` calls in a file: a
+  second default for a field default_config.py already holds."""
+  with open(path) as f:
+    tree = ast.parse(f.read())
+  found = []
+  for node in ast.walk(tree):
+    if not isinstance(node, ast.Call):
+      continue
+    func, args = node.func, node.args
+    if (isinstance(func, ast.Attribute) and func.attr == 'get'
+        and 'config' in ast.unparse(func.value).lower()) or (
+            isinstance(func, ast.Name) and func.id == 'getattr' and args
+            and 'config' in ast.unparse(args[0]).lower()):
+      found.append(f'{os.path.relpath(path, REPO)}:{node.lineno}: {ast.unparse(node)}')
+  return found
+
+
+def test_config_fields_are_read_without_a_second_default():
+  """default_config.py holds each field's default once; saved configs are merged onto it
+  (checkpoints.load_config), so no reader needs a fallback that could disagree with it."""
+  found = [hit for path in python_files('vgg_jax', 'launch', 'benchmarks', 'experiments')
+           for hit in config_fallbacks(path)]
+  assert not found, '\n'.join(found)
+
+
 def _normalized(name: str) -> str:
   return re.sub(r'[-_.]+', '-', name).lower()
 

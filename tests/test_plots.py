@@ -170,30 +170,33 @@ def test_plot_curves_skips_figures_without_data(tmp_path):
   assert plots.plot_curves(scalars, str(tmp_path)) == [str(tmp_path / 'learning_rate.png')]
 
 
-RESULTS = {
-    'fused:dense': {'net': 'D+E', 'train_scale': '[256, 512], [256, 512]',
+RESULTS = {'validation': {
+    'fused:dense': {'net': 'D+E', 'train_scale': '[256, 512], [256, 512]', 'step': [9, 9],
                     'scales': [256, 384, 512], 'top1_error': 0.23951, 'top5_error': 0.07104,
                     'paper': [24.0, 7.1]},
     'single': {'net': 'D', 'train_scale': '256', 'scales': [256], 'top1_error': 0.27431,
-               'top5_error': 0.08906, 'paper': [27.0, 8.8]},
+               'top5_error': 0.08906, 'paper': [27.0, 8.8], 'step': 9},
+}, 'test': {
     'dense': {'net': 'D x0.125', 'train_scale': '[32, 36]', 'scales': [32, 34, 36],
               'top1_error': 0.8055555555555556, 'top5_error': 0.17500000000000004,
-              'paper': None},
-}
+              'paper': None, 'step': 880},
+}}
 
 
-def test_eval_table_from_results_json_one_row_per_protocol_fused_last(tmp_path):
+def test_eval_table_from_results_json_one_row_per_protocol_by_split_and_step_fused_last(
+    tmp_path):
   (tmp_path / 'eval').mkdir()
   (tmp_path / 'eval' / 'results.json').write_text(json.dumps(RESULTS))
   (tmp_path / 'eval_metrics.json').write_text(json.dumps(
       {'step': 5, 'top1_error': 0.5, 'top5_error': 0.25, 'num_examples': 10}))
   lines = plots.eval_table(str(tmp_path)).splitlines()
-  assert lines[2] == ('| protocol | ConvNet | train S | test Q | top-1 err. (%) | '
-                      'top-5 err. (%) | paper top-1 / top-5 (%) |')
+  assert lines[2] == ('| protocol | split | checkpoint step | ConvNet | train S | test Q | '
+                      'top-1 err. (%) | top-5 err. (%) | paper top-1 / top-5 (%) |')
   assert lines[4:] == [
-      '| single | D | 256 | 256 | 27.43 | 8.91 | 27.0 / 8.8 |',
-      '| dense | D x0.125 | [32, 36] | 32, 34, 36 | 80.56 | 17.50 | — |',
-      '| fused:dense | D+E | [256, 512], [256, 512] | 256, 384, 512 | 23.95 | 7.10 | 24.0 / 7.1 |']
+      '| dense | test | 880 | D x0.125 | [32, 36] | 32, 34, 36 | 80.56 | 17.50 | — |',
+      '| single | validation | 9 | D | 256 | 256 | 27.43 | 8.91 | 27.0 / 8.8 |',
+      '| fused:dense | validation | 9, 9 | D+E | [256, 512], [256, 512] | 256, 384, 512 | '
+      '23.95 | 7.10 | 24.0 / 7.1 |']
   paths = plots.write_table(str(tmp_path), str(tmp_path / 'out'))
   assert paths == [str(tmp_path / 'out' / n) for n in ('eval_table.md', 'eval_table.png')]
   assert pathlib.Path(paths[0]).read_text() == plots.eval_table(str(tmp_path))
@@ -225,7 +228,7 @@ def test_command_line_writes_plots_and_table_or_says_to_train_first(workdir, tmp
   assert out.split() == [str(root / 'plots' / n) for n in names]
   for name in names[:3] + names[4:]:
     _assert_png(root / 'plots' / name)
-  assert '| single | D | 256 | 256 | 27.43 | 8.91 | 27.0 / 8.8 |' in (
+  assert '| single | validation | 9 | D | 256 | 256 | 27.43 | 8.91 | 27.0 / 8.8 |' in (
       root / 'plots' / 'eval_table.md').read_text()
   assert runs[1].returncode == 1
   assert (f'vgg_jax.plots: No TensorBoard summaries: {tmp_path}/tensorboard does not exist; '

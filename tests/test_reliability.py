@@ -21,6 +21,7 @@ from tests.test_evaluation import count_compilations
 from tests.test_steps import device_split, fresh_rng, random_batch, small_config
 from tests.test_train import REPO, restored_params
 from vgg_jax import checkpoints
+from vgg_jax import default_config
 from vgg_jax import errors
 from vgg_jax import init_from
 from vgg_jax import steps
@@ -177,6 +178,67 @@ def test_a_first_ctrl_c_asks_the_loop_to_stop_and_a_second_aborts():
   assert signal.getsignal(signal.SIGINT) is before
 
 
+class _RaisesSignalWhenCollected:
+  """Sends SIGINT from its __del__, where Python prints and ignores any exception: what a
+  second Ctrl-C meets when it lands in a TensorFlow object's __del__."""
+
+  def __del__(self):
+    signal.raise_signal(signal.SIGINT)
+
+
+# Python reports the ignored KeyboardInterrupt through pytest as a warning: what is tested.
+@pytest.mark.filterwarnings('ignore::pytest.PytestUnraisableExceptionWarning')
+def test_a_second_ctrl_c_aborts_even_when_its_interrupt_lands_in_a_del():
+  before = signal.getsignal(signal.SIGINT)
+  preemption = train.Preemption()
+  try:
+    signal.raise_signal(signal.SIGINT)
+    assert preemption.reached(1)
+    _RaisesSignalWhenCollected()  # Collected at once; its KeyboardInterrupt is ignored.
+    with pytest.raises(KeyboardInterrupt):
+      preemption.reached(2)
+  finally:
+    preemption.close()
+  assert signal.getsignal(signal.SIGINT) is before
+
+
+@pytest.mark.slow
+def test_ctrl_c_twice_within_a_step_aborts_nonzero_leaving_the_saved_checkpoints_whole(
+    tmp_path, digits_config):
+  """Two Ctrl-C 0.2 s apart, while steps of 0.3-1 s run: the process exits non-zero in one
+  line, and the checkpoints already written restore."""
+  flags = ['--config=experiments/digits.py', f'--workdir={tmp_path}', '--config.width=0.5',
+           '--config.log_every_steps=1', '--config.checkpoint_every_steps=2',
+           '--config.num_train_steps=5000', f'--config.data_dir={digits_config.data_dir}']
+  env = {k: v for k, v in os.environ.items() if k != 'XLA_FLAGS'}
+  process = subprocess.Popen([sys.executable, '-m', 'vgg_jax.main', *flags], cwd=REPO,
+                             env=env, stderr=subprocess.PIPE, text=True)
+  lines, seen = [], threading.Event()
+
+  def read():
+    for line in process.stderr:
+      lines.append(line)
+      if 'Saving checkpoint of step 4 ' in line:
+        seen.set()
+
+  reader = threading.Thread(target=read, daemon=True)
+  reader.start()
+  assert seen.wait(300), ''.join(lines[-20:])
+  process.send_signal(signal.SIGINT)
+  time.sleep(0.2)
+  process.send_signal(signal.SIGINT)
+  code = process.wait(120)
+  reader.join()
+  log = ''.join(lines)
+  assert code != 0, log[-3000:]
+  assert 'aborted (Ctrl-C)' in log.strip().splitlines()[-1], log[-3000:]
+  assert 'Traceback' not in log, log[-3000:]
+  step = checkpoints.latest_step(str(tmp_path))
+  assert step >= 4
+  config = checkpoints.load_config(str(tmp_path))
+  assert all_finite(checkpoints.restore_params(str(tmp_path), config, step))
+
+
 @pytest.mark.slow
 def test_sigkill_at_random_moments_and_mid_write_loses_nothing(tmp_path, digits_config):
   """Two trials of tests/fault_injection.py (docs/reliability.md: `python -m tests.fault_injection`):
@@ -239,6 +301,25 @@ def test_divergence_stops_training_naming_the_step_and_keeps_the_last_checkpoint
   assert saved and saved[-1] == bad_step - 1, (saved, bad_step)
   step, params = restored_params(tmp_path, config)
   assert step == bad_step - 1 and all_finite(params)
+
+
+def test_a_nonfinite_step_stops_the_run_at_the_next_step_not_at_the_next_log(
+    tmp_path, digits_config, monkeypatch):
+  """Logs and checkpoints every 100 steps; the run diverges within a few steps and must not
+  run on to step 40 before noticing."""
+  config = tiny_config(digits_config, learning_rate=1e6, num_train_steps=40, log_every_steps=100,
+                       checkpoint_every_steps=100, eval_every_steps=100)
+  calls, pmap_train_step = [], steps.pmap_train_step
+
+  def counted(*args, **kwargs):
+    step = pmap_train_step(*args, **kwargs)
+    return lambda *a: calls.append(1) or step(*a)
+
+  monkeypatch.setattr(steps, 'pmap_train_step', counted)
+  with pytest.raises(train.NonFiniteError, match=r'^step (\d+): ') as e:
+    train.train_and_evaluate(config, str(tmp_path))
+  bad_step = int(re.match(r'step (\d+)', str(e.value)).group(1))
+  assert bad_step < 39 and len(calls) == bad_step + 1, (bad_step, len(calls))
 
 
 def test_skip_nonfinite_steps_trains_on_and_counts_what_it_skipped(tmp_path, digits_config,
@@ -354,6 +435,33 @@ def test_no_checkpoint_is_ever_loaded_with_pickle(untrained_run, monkeypatch):
   assert restored_params(tmp_path, config)[0] == 0
   assert checkpoints.load_config(str(tmp_path)).variant == 'A'
   assert not [p for p in tmp_path.rglob('*') if p.suffix in ('.pkl', '.pickle')]
+
+
+def test_an_older_checkpoints_config_reads_as_todays_defaults_but_where_it_trained_otherwise(
+    tmp_path, untrained_run):
+  """A checkpoint written before a field existed: the field reads as it was then where that
+  differs from today's default (default_config.BEFORE_THE_FIELD), else as today's default."""
+  workdir, config = untrained_run
+  shutil.copytree(workdir, tmp_path, dirs_exist_ok=True)
+  older = config.copy_and_resolve_references()
+  for field in ('sgd_form', 'decode_crop', 'test_flip', 'frozen_layers', 'grad_accum_steps'):
+    del older[field]
+  state = steps.create_train_state(config, jax.random.key(0), config.image_size)
+  manager = checkpoints.create_manager(str(tmp_path), config)
+  checkpoints.save(manager, state.replace(step=state.step + 1), older)
+  checkpoints.wait_until_finished(manager)
+  checkpoints.close(manager)
+
+  loaded = checkpoints.load_config(str(tmp_path))
+  assert set(loaded) == set(default_config.get_config())
+  assert (loaded.sgd_form, loaded.decode_crop) == ('pytorch', False)
+  defaults = default_config.get_config()
+  assert not config.test_flip and loaded.test_flip == defaults.test_flip
+  assert (loaded.frozen_layers, loaded.grad_accum_steps) == (
+      defaults.frozen_layers, defaults.grad_accum_steps)
+  assert (loaded.variant, loaded.width, loaded.train_scale) == ('A', 0.0625, (64, 72))
+  with pytest.raises(errors.ConfigError, match=r"^config.sgd_form='caffe': .* sgd_form='pytorch'"):
+    init_from.check_resume(str(tmp_path), config)
 
 
 # ---------------------------------------------------------------------------------------------

@@ -1,6 +1,8 @@
 """`vgg_jax.summary`'s per-layer counts against the model itself, Table 2 and known figures."""
 
 import math
+import subprocess
+import sys
 
 import jax
 import jax.numpy as jnp
@@ -51,3 +53,33 @@ def test_table_has_a_row_per_layer_and_explains_the_cs231n_figure():
 def test_unknown_variant_raises_naming_the_valid_ones():
   with pytest.raises(ValueError, match="variant='F'.*A, A-LRN, B, C, D, E"):
     summary.layers('F')
+
+
+@pytest.mark.parametrize('image_size', [100, 0, -32])
+def test_sizes_that_are_not_positive_multiples_of_32_are_refused(image_size):
+  with pytest.raises(ValueError, match=rf'^image_size={image_size}: must be a positive multiple '
+                     'of 32'):
+    summary.layers('D', image_size=image_size)
+
+
+def test_command_line_refuses_a_size_in_one_line():
+  result = subprocess.run([sys.executable, '-m', 'vgg_jax.summary', '--image_size=100'],
+                          capture_output=True, text=True, timeout=120, check=False)
+  assert result.returncode == 1 and result.stdout == ''
+  assert result.stderr.strip() == ('vgg_jax.summary: image_size=100: must be a positive '
+                                   'multiple of 32 (five 2x2 max-pools), e.g. 224.')
+
+
+def test_dense_multiply_adds_are_the_convolutions_over_the_image_and_the_head_per_window():
+  """Net A at 1/16 width, training size 64, on a 96 x 128 input, counted by hand: Table 1's
+  convolutions (4-32 channels) at 96 x 128 and its halvings; pool5 is 3 x 4, so fc6's 2 x 2
+  window has 2 x 3 positions, each running fc6 (2 * 2 * 32 -> 256), fc7 and fc8 (10)."""
+  convs = [(3, 4, 96 * 128), (4, 8, 48 * 64), (8, 16, 24 * 32), (16, 16, 24 * 32),
+           (16, 32, 12 * 16), (32, 32, 12 * 16), (32, 32, 6 * 8), (32, 32, 6 * 8)]
+  expected = sum(9 * cin * cout * area for cin, cout, area in convs)
+  expected += 2 * 3 * (2 * 2 * 32 * 256 + 256 * 256 + 256 * 10)
+  assert summary.dense_macs('A', (96, 128), 64, 1 / 16, 10) == expected
+  for variant in models.VARIANTS:
+    assert summary.dense_macs(variant, (224, 224)) == summary.totals(variant)['macs']
+  with pytest.raises(ValueError, match='multiple of 32'):
+    summary.dense_macs('A', (100, 128), 64)

@@ -52,7 +52,7 @@ def restored_params(workdir, config):
 
 
 # The README's first command with constraints.txt's versions, 2 CPU cores: seeds 0-4 ended at
-# 3.33, 2.50, 0.83, 0.83 and 1.39% top-1 error (README). A run is deterministic on one machine,
+# 3.33, 2.50, 0.83, 0.83 and 1.39% top-1 error. A run is deterministic on one machine,
 # but another CPU's kernels round differently and draw from that spread, so the range asserted
 # is the seeds' widened by about a point each way (in %); outside the recorded versions only
 # the 5% bound is.
@@ -72,8 +72,8 @@ def recorded_versions_installed() -> bool:
 
 @pytest.mark.slow
 def test_default_digits_run_reaches_five_percent_error(tmp_path, digits_config):
-  """README command (a): a VGG-16 on the digits; held-out top-1 error <= 5%, and within the
-  README's stated range where constraints.txt's versions are installed."""
+  """README command (a): a VGG-16 on the digits; held-out top-1 error <= 5%, and within
+  DEFAULT_RUN_TOP1_RANGE where constraints.txt's versions are installed."""
   result = run_main(tmp_path, digits_config.data_dir)
   with open(tmp_path / 'eval_metrics.json') as f:
     metrics = json.load(f)

@@ -175,7 +175,7 @@ def test_notebook_functions_make_the_winograd_kernels_once_per_jax_parameters(mo
     assert relative_error(fc8, expected) < winograd.TOLERANCE
   assert len(calls) == 1
   image = rng.integers(0, 256, (64, 64, 3), np.uint8)
-  at_q = inference.Preprocess(preprocess.Normalization(), 64, 64)
+  at_q = inference.InputTransform(preprocess.Normalization(), 64, 64)
   inference.predict(model, {'params': params}, image, at_q)
   assert len(calls) == 1
   changed = jax.tree.map(lambda p: p * 1.5, params)  # New arrays: their own kernels.

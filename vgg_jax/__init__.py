@@ -7,10 +7,11 @@ The notebook API (`load`, `features`, `predict`, `descriptors`, `class_names`) i
 import os
 
 # TensorFlow, here only for tf.data, prints C++ INFO notices when imported (the CPU features
-# it was built for, oneDNN): keep its warnings and errors. TF_CPP_MIN_LOG_LEVEL=0 shows them.
+# it was built for): keep its warnings and errors. TF_CPP_MIN_LOG_LEVEL=0 shows them. (Its
+# oneDNN notice ignores the level; the commands turn oneDNN off, `cli`.)
 os.environ.setdefault('TF_CPP_MIN_LOG_LEVEL', '1')
 
-_API = ('load', 'features', 'predict', 'descriptors', 'class_names', 'Preprocess')
+_API = ('load', 'features', 'predict', 'descriptors', 'class_names', 'InputTransform')
 
 
 def __getattr__(name):

@@ -25,6 +25,7 @@ import ml_collections
 import numpy as np
 import orbax.checkpoint as ocp
 
+from vgg_jax import default_config
 from vgg_jax import models
 
 ITEMS = ('state', 'config')
@@ -136,13 +137,16 @@ def restore_config(manager: ocp.CheckpointManager, step: Optional[int] = None) -
   return manager.restore(step, args=ocp.args.Composite(config=ocp.args.JsonRestore()))['config']
 
 
-def saved_config(workdir: str) -> Optional[tuple[int, dict]]:
-  """(step, config as a dict) of WORKDIR's newest checkpoint; None if it has none."""
+def saved_config(workdir: str) -> Optional[tuple[int, ml_collections.ConfigDict]]:
+  """(step, config) of WORKDIR's newest checkpoint, as `load_config` reads it; None if it
+  has none."""
   if not epath.Path(checkpoint_dir(workdir)).is_dir():
     return None
   with _manager(checkpoint_dir(workdir)) as manager:
     step = manager.latest_step()
-    return None if step is None else (step, restore_config(manager, step))
+    if step is None:
+      return None
+    return step, default_config.from_saved(restore_config(manager, step))
 
 
 def latest_step(workdir: str) -> int:
@@ -156,15 +160,11 @@ def latest_step(workdir: str) -> int:
 
 
 def load_config(workdir: str, step: Optional[int] = None) -> ml_collections.ConfigDict:
-  """The config WORKDIR's checkpoint was trained with (newest step unless `step`)."""
+  """The config WORKDIR's checkpoint was trained with (newest step unless `step`), over
+  today's defaults (`default_config.from_saved`): every field is there, whatever its age."""
   step = latest_step(workdir) if step is None else step
   with _manager(checkpoint_dir(workdir)) as manager:
-    saved = restore_config(manager, step)
-  # JSON has no tuples; the config's sequences are tuples.
-  for field in ('train_scale', 'mean_rgb', 'std_rgb', 'test_scales'):
-    if isinstance(saved.get(field), list):
-      saved[field] = tuple(saved[field])
-  return ml_collections.ConfigDict(saved)
+    return default_config.from_saved(restore_config(manager, step))
 
 
 def restore_params(workdir: str, config, step: Optional[int] = None):

@@ -11,106 +11,96 @@ from vgg_jax import steps
 from vgg_jax import winograd
 
 
-def _fail(field: str, value, why: str):
-  raise errors.ConfigError(f'config.{field}={value!r}: {why}')
+def _one_of(config, field: str, choices) -> None:
+  if config[field] not in choices:
+    raise errors.bad_field(field, config[field], f'expected one of {", ".join(choices)}.')
 
 
 def check_random_access_dir(config) -> None:
   """config.random_access_dir must be a path ArrayRecord can open (None: the default)."""
-  directory = config.get('random_access_dir')
+  directory = config.random_access_dir
   if directory is not None and not default_config.is_local_path(directory):
-    _fail('random_access_dir', directory, 'ArrayRecord reads and writes local files only: use '
-          'a local directory, or one every host mounts (e.g. NFS).')
+    raise errors.bad_field('random_access_dir', directory, 'ArrayRecord reads and writes local '
+                           'files only: use a local directory, or one every host mounts (e.g. '
+                           'NFS).')
 
 
 def validate(config, num_devices: int) -> None:
   """Raises ConfigError for the first problem found in `config` (global `num_devices`)."""
-  if config.variant not in models.VARIANTS:
-    _fail('variant', config.variant, f'expected one of {", ".join(models.VARIANTS)}.')
-  if config.init not in models.INITS:
-    _fail('init', config.init, f'expected one of {", ".join(models.INITS)}.')
-  if config.dtype not in models.DTYPES:
-    _fail('dtype', config.dtype, f'expected one of {", ".join(models.DTYPES)}.')
-  algorithm = config.get('conv_algorithm', 'auto')
-  if algorithm not in winograd.CONV_ALGORITHMS:
-    _fail('conv_algorithm', algorithm, f'expected one of {", ".join(winograd.CONV_ALGORITHMS)}.')
-  if algorithm == 'winograd':
+  fail = lambda field, why: errors.bad_field(field, config[field], why)
+  _one_of(config, 'variant', models.VARIANTS)
+  _one_of(config, 'init', models.INITS)
+  _one_of(config, 'dtype', models.DTYPES)
+  _one_of(config, 'conv_algorithm', winograd.CONV_ALGORITHMS)
+  if config.conv_algorithm == 'winograd':
     try:
-      winograd.uses_winograd(algorithm, (1, 32, 32, 16), (3, 3, 16, 16),
+      winograd.uses_winograd(config.conv_algorithm, (1, 32, 32, 16), (3, 3, 16, 16),
                              models.DTYPES[config.dtype])
     except (ValueError, RuntimeError) as e:
       raise errors.ConfigError(str(e).replace('conv_algorithm=', 'config.conv_algorithm=', 1))
-  if config.get('weight_grad', 'auto') not in ops.WEIGHT_GRADS:
-    _fail('weight_grad', config.weight_grad, f'expected one of {", ".join(ops.WEIGHT_GRADS)}.')
+  _one_of(config, 'weight_grad', ops.WEIGHT_GRADS)
   if not config.width > 0:
-    _fail('width', config.width, 'must be positive (1.0 is the paper\'s net).')
+    raise fail('width', 'must be positive (1.0 is the paper\'s net).')
   if not 0 <= config.dropout_rate < 1:
-    _fail('dropout_rate', config.dropout_rate, 'must be in [0, 1).')
+    raise fail('dropout_rate', 'must be in [0, 1).')
   for field in ('mean_rgb', 'std_rgb'):
-    values = config.get(field, (0.0, 0.0, 0.0) if field == 'mean_rgb' else (1.0, 1.0, 1.0))
+    values = config[field]
     if len(values) != 3 or (field == 'std_rgb' and not all(v > 0 for v in values)):
-      _fail(field, values, 'expected three values (R, G, B) in 0-255 units'
-            + (', each positive.' if field == 'std_rgb' else '.'))
-  if config.get('channel_order', 'RGB') not in preprocess.CHANNEL_ORDERS:
-    _fail('channel_order', config.channel_order,
-          f'expected one of {", ".join(preprocess.CHANNEL_ORDERS)}.')
+      raise fail(field, 'expected three values (R, G, B) in 0-255 units'
+                 + (', each positive.' if field == 'std_rgb' else '.'))
+  _one_of(config, 'channel_order', preprocess.CHANNEL_ORDERS)
   check_random_access_dir(config)
   smin, _ = protocol.scale_bounds(config.train_scale)
   size = config.image_size
   if size <= 0 or size % models.DOWNSAMPLING:
-    _fail('image_size', size, f'must be a positive multiple of {models.DOWNSAMPLING} '
-          '(five 2x2 max-pools), e.g. 224.')
+    raise fail('image_size', f'must be a positive multiple of {models.DOWNSAMPLING} (five 2x2 '
+               'max-pools), e.g. 224.')
   if size > smin:
-    _fail('image_size', size, f'is larger than the smallest training scale S={smin}: a '
-          f'{size}x{size} crop does not fit; raise train_scale or lower image_size.')
+    raise fail('image_size', f'is larger than the smallest training scale S={smin}: a '
+               f'{size}x{size} crop does not fit; raise train_scale or lower image_size.')
   if config.eval_scale is not None and config.eval_scale < size:
-    _fail('eval_scale', config.eval_scale, f'is smaller than image_size={size}.')
-  for q in config.get('test_scales') or ():
+    raise fail('eval_scale', f'is smaller than image_size={size}.')
+  for q in config.test_scales:
     if isinstance(q, bool) or not isinstance(q, int) or q < size:
-      _fail('test_scales', config.test_scales, f'each Q must be an int >= image_size={size}.')
-  if config.get('dense_size_step', 1) <= 0:
-    _fail('dense_size_step', config.dense_size_step, 'must be positive, e.g. 64.')
-  if config.get('dense_max_aspect', 1.0) < 1:
-    _fail('dense_max_aspect', config.dense_max_aspect, 'must be >= 1 (long side / short side).')
-  if config.get('eval_protocols'):
+      raise fail('test_scales', f'each Q must be an int >= image_size={size}.')
+  if config.dense_size_step <= 0:
+    raise fail('dense_size_step', 'must be positive, e.g. 64.')
+  if config.dense_max_aspect < 1:
+    raise fail('dense_max_aspect', 'must be >= 1 (long side / short side).')
+  if config.eval_protocols:
     protocol.parse_protocols(config.eval_protocols, name='config.eval_protocols')
   for field in ('batch_size', 'eval_batch_size', 'dense_batch_size', 'multicrop_batch_size'):
-    if field not in config:
-      continue
     batch = config[field]
     if batch <= 0 or batch % num_devices:
-      _fail(field, batch, f'must be a positive multiple of the {num_devices} devices '
-            f'(e.g. {num_devices * max(1, batch // num_devices)}).')
-  if config.get('init_mode', 'net_a') not in init_from.MODES:
-    _fail('init_mode', config.init_mode, f'expected one of {", ".join(init_from.MODES)}.')
+      raise fail(field, f'must be a positive multiple of the {num_devices} devices (e.g. '
+                 f'{num_devices * max(1, batch // num_devices)}).')
+  _one_of(config, 'init_mode', init_from.MODES)
   frozen = steps.frozen_prefixes(config)
   layers = models.layer_names(config.variant)
   for prefix in frozen:
     if not any(steps.is_frozen(layer, (prefix,)) for layer in layers):
-      _fail('frozen_layers', config.frozen_layers, f'{prefix!r} names no layer of net '
-            f'{config.variant} ({", ".join(layers)}); give name prefixes, e.g. conv or '
-            'conv1,conv2.')
+      raise fail('frozen_layers', f'{prefix!r} names no layer of net {config.variant} '
+                 f'({", ".join(layers)}); give name prefixes, e.g. conv or conv1,conv2.')
   if frozen and all(steps.is_frozen(layer, frozen) for layer in layers):
-    _fail('frozen_layers', config.frozen_layers, 'freezes every layer: nothing would train.')
-  accum = config.get('grad_accum_steps', 1)
+    raise fail('frozen_layers', 'freezes every layer: nothing would train.')
+  accum = config.grad_accum_steps
   if isinstance(accum, bool) or not isinstance(accum, int) or accum < 1:
-    _fail('grad_accum_steps', accum, 'must be an int >= 1.')
+    raise fail('grad_accum_steps', 'must be an int >= 1.')
   if (config.batch_size // num_devices) % accum:
-    _fail('grad_accum_steps', accum, f'batch_size={config.batch_size} over {num_devices} '
-          f'devices is {config.batch_size // num_devices} per device, which does not split '
-          f'into {accum} equal micro-batches.')
+    raise fail('grad_accum_steps', f'batch_size={config.batch_size} over {num_devices} devices '
+               f'is {config.batch_size // num_devices} per device, which does not split into '
+               f'{accum} equal micro-batches.')
   if not config.learning_rate > 0:
-    _fail('learning_rate', config.learning_rate, 'must be positive.')
+    raise fail('learning_rate', 'must be positive.')
   if not 0 <= config.momentum < 1:
-    _fail('momentum', config.momentum, 'must be in [0, 1).')
-  if config.get('sgd_form', 'caffe') not in steps.SGD_FORMS:
-    _fail('sgd_form', config.sgd_form, f'expected one of {", ".join(steps.SGD_FORMS)}.')
+    raise fail('momentum', 'must be in [0, 1).')
+  _one_of(config, 'sgd_form', steps.SGD_FORMS)
   if config.weight_decay < 0:
-    _fail('weight_decay', config.weight_decay, 'must be >= 0.')
+    raise fail('weight_decay', 'must be >= 0.')
   if not 0 < config.lr_plateau_factor < 1:
-    _fail('lr_plateau_factor', config.lr_plateau_factor, 'must be in (0, 1).')
+    raise fail('lr_plateau_factor', 'must be in (0, 1).')
   if config.num_train_steps <= 0 and not config.num_epochs > 0:
-    _fail('num_epochs', config.num_epochs, 'must be positive when num_train_steps <= 0.')
+    raise fail('num_epochs', 'must be positive when num_train_steps <= 0.')
   for field in ('log_every_steps', 'checkpoint_every_steps', 'keep_checkpoints'):
     if config[field] <= 0:
-      _fail(field, config[field], 'must be positive.')
+      raise fail(field, 'must be positive.')

@@ -11,6 +11,13 @@ from ml_collections import config_dict
 
 # The training scales of Table 3, by sweep argument: `--config=experiments/configD.py:S=384`.
 TRAINING_SCALES = {'S=256': 256, 'S=384': 384, 'S=256-512': (256, 512)}
+# What a checkpoint written before one of these fields existed was trained with, where that is
+# not today's default (`from_saved`); a missing field not listed here means today's default.
+# conv_algorithm and weight_grad are absent on purpose: they change how, not what, is computed.
+BEFORE_THE_FIELD = {
+    'sgd_form': 'pytorch',  # The momentum buffer held unscaled gradients (optax.sgd's form).
+    'decode_crop': False,  # JPEGs were decoded whole, then rescaled and cropped.
+}
 
 
 def dataset_name(dataset: str) -> str:
@@ -41,6 +48,16 @@ def set_training_scale(config: ml_collections.ConfigDict, arg: Optional[str]) ->
   config.train_scale = TRAINING_SCALES[arg]
 
 
+def from_saved(saved: dict) -> ml_collections.ConfigDict:
+  """A config saved beside a checkpoint (JSON, so its tuples are lists) over today's defaults:
+  what the evaluation, inference and seeding of an older checkpoint read, field by field, with
+  BEFORE_THE_FIELD for the fields it predates."""
+  config = get_config()
+  config.update(BEFORE_THE_FIELD)
+  config.update({k: tuple(v) if isinstance(v, list) else v for k, v in saved.items()})
+  return config
+
+
 def get_config(arg: Optional[str] = None) -> ml_collections.ConfigDict:
   config = ml_collections.ConfigDict()
 
@@ -60,13 +77,13 @@ def get_config(arg: Optional[str] = None) -> ml_collections.ConfigDict:
   # the paper's does (the miniatures of docs/reproduction.md).
   config.init_std_as_full_size = False
   # How the 3x3 convolutions are computed: 'xla' (XLA's convolution), 'winograd' (F(4x4, 3x3)
-  # with C++ transforms, float32 on the CPU: 1.3-2.4x faster per layer in training) or 'auto'
-  # (Winograd on the CPU for float32 layers of >= 16 input channels and >= 32 4x4 tiles, if a
-  # C++ compiler is found; XLA's elsewhere). Same values and derivatives (any JAX
+  # with C++ transforms, float32 on the CPU, faster per layer in training: BENCHMARKS.md) or
+  # 'auto' (Winograd on the CPU for float32 layers of >= 16 input channels and >= 32 4x4
+  # tiles, if a C++ compiler is found; XLA's elsewhere). Same values and derivatives (any JAX
   # transformation) up to float32 rounding.
   config.conv_algorithm = 'auto'
   # How XLA's convolutions' kernel gradients are computed: 'conv' (XLA's convolution),
-  # 'matmul' (one matmul per kernel tap, 2-5x faster on CPU for large layers) or 'auto' (matmul
+  # 'matmul' (one matmul per kernel tap, faster on CPU for large layers) or 'auto' (matmul
   # on CPU for layers whose kernel gradient is >= 2**28 FLOPs). Same values.
   config.weight_grad = 'auto'
   # Start from another run's newest checkpoint, or imported weights (vgg_jax.convert), whose

@@ -26,7 +26,9 @@ from vgg_jax import protocol
 from vgg_jax import report
 
 FLAGS = flags.FLAGS
-
+# Config fields this command takes as flags of the same name (`--data_dir`, not
+# `--config.data_dir`).
+OVERRIDES = ('data_dir', 'manual_dir', 'dense_batch_size', 'multicrop_batch_size')
 
 
 def _load(workdir: str, overrides: dict):
@@ -43,6 +45,8 @@ def evaluate_workdirs(workdir: str, protocols=protocol.PROTOCOLS, scales=None, f
   DIR/eval/results.json by this call."""
   dirs = [workdir, *fuse]
   configs = [_load(d, overrides) for d in dirs]
+  if scales:
+    protocol.check_scales(scales, max(c.image_size for c in configs))
   for d, config in zip(dirs[1:], configs[1:]):
     for field in ('dataset', 'num_classes'):
       if config[field] != configs[0][field]:
@@ -56,7 +60,7 @@ def evaluate_workdirs(workdir: str, protocols=protocol.PROTOCOLS, scales=None, f
   except (KeyError, ValueError) as e:
     raise errors.ConfigError(f'--split={split!r}: {configs[0].dataset} has splits '
                              f'{", ".join(builder.info.splits)}.') from e
-  num_examples = -(-split_info.num_examples // jax.process_count())
+  num_examples = evaluation.per_process(split_info.num_examples)
 
   results, members = {}, []
   for d, config in zip(dirs, configs):
@@ -78,12 +82,14 @@ def evaluate_workdirs(workdir: str, protocols=protocol.PROTOCOLS, scales=None, f
     for name, post in fused.items():
       per_net = [net_results[name] for _, _, net_results, _ in members]
       results[f'fused:{name}'] = {
-          **evaluation.errors(post),
+          **evaluation.error_rates(post),
           'net': '+'.join(r['net'] for r in per_net),
           'train_scale': ', '.join(r['train_scale'] for r in per_net),
           'scales': sorted({q for r in per_net for q in r['scales']}),
           'crops_per_image': sum(r['crops_per_image'] for r in per_net),
           'img_per_s': jax.process_count() / post.seconds_per_image,
+          'dataset': configs[0].dataset,
+          'split': split,
           'step': [r['step'] for r in per_net],
           'nets': dirs,
           'members': {d: {k: r[k] for k in ('net', 'top1_error', 'top5_error', 'scales')}
@@ -97,8 +103,7 @@ def evaluate_workdirs(workdir: str, protocols=protocol.PROTOCOLS, scales=None, f
                    100 * results[f'fused:{name}']['top5_error'])
 
   if jax.process_index() == 0:
-    title = (f'Evaluation of {workdir}: {configs[0].dataset}, split {split!r}')
-    directory = report.write(workdir, results, title)
+    directory = report.write(workdir, results, f'Evaluation of {workdir}: {configs[0].dataset}')
     logging.info('Results in %s/results.json and results.md.', directory)
   return results
 
@@ -114,6 +119,8 @@ def define_flags() -> None:
                     "DIR's (Table 6).")
   flags.DEFINE_string('split', None, 'Split to evaluate; default: the config\'s eval_split.')
   flags.DEFINE_string('data_dir', None, 'tfds data_dir, if not the one used in training.')
+  flags.DEFINE_string('manual_dir', None, 'Where the ILSVRC-2012 tar files are, if the '
+                      'dataset is not prepared in data_dir (imported nets: imagenet2012).')
   flags.DEFINE_integer('dense_batch_size', None, 'Overrides config.dense_batch_size.')
   flags.DEFINE_integer('multicrop_batch_size', None, 'Overrides config.multicrop_batch_size.')
 
@@ -126,19 +133,14 @@ def main(argv):
     protocols = protocol.parse_protocols(FLAGS.protocol)
   except errors.ConfigError as e:
     raise app.UsageError(str(e)) from None
-  scales = None
-  if FLAGS.scales:
-    try:
-      scales = [int(q) for q in FLAGS.scales]
-    except ValueError:
-      raise app.UsageError(f'--scales={",".join(FLAGS.scales)}: expected integers, e.g. '
-                           '--scales=256,384,512.') from None
   try:
-    evaluate_workdirs(FLAGS.workdir, protocols, scales, FLAGS.fuse, FLAGS.split,
-                      data_dir=FLAGS.data_dir, dense_batch_size=FLAGS.dense_batch_size,
-                      multicrop_batch_size=FLAGS.multicrop_batch_size)
+    evaluate_workdirs(FLAGS.workdir, protocols, cli.integers(FLAGS['scales']), FLAGS.fuse,
+                      FLAGS.split, **{field: FLAGS[field].value for field in OVERRIDES})
   except (errors.ConfigError, FileNotFoundError) as e:  # A wrong workdir, split or --fuse.
-    sys.exit(f'vgg_jax.evaluate: {e}')
+    message = str(e)
+    for field in OVERRIDES:  # Said as this command takes it.
+      message = message.replace(f'--config.{field}=', f'--{field}=')
+    sys.exit(f'vgg_jax.evaluate: {message}')
 
 
 if __name__ == '__main__':

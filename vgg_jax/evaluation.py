@@ -36,6 +36,7 @@ from vgg_jax import models
 from vgg_jax import preprocess
 from vgg_jax import progress as progress_lib
 from vgg_jax import protocol
+from vgg_jax import steps
 
 # How Appendix B's descriptors of several scales make one (`aggregate_descriptors`).
 DESCRIPTOR_AGGREGATES = ('average', 'stack')
@@ -178,6 +179,12 @@ class Posteriors:
                       tuple(sorted({s for p in group for s in p.shapes})))
 
 
+def per_process(num_examples: int) -> int:
+  """How many of a split's `num_examples` this process scores at most: its part of
+  `tfds.split_for_jax_process`, the split cut into process_count parts."""
+  return -(-num_examples // jax.process_count())
+
+
 def posteriors(p_step: Callable, params, batches: Iterable[dict], name: str = '',
                num_examples: int = 0) -> Posteriors:
   """Runs `p_step` over `batches` ({..., 'label', 'index', 'mask'} shaped (devices, per
@@ -214,16 +221,12 @@ def posteriors(p_step: Callable, params, batches: Iterable[dict], name: str = ''
                     tuple(sorted(shapes)))
 
 
-def errors(post: Posteriors) -> dict:
-  """Exact top-1 / top-5 error over every example of every process.
-
-  Ties count against the label and NaNs are never right, as in `steps.topk_correct`.
-  """
-  label_prob = np.take_along_axis(post.probs, post.labels[:, None], axis=1)
-  rank = np.sum(post.probs >= label_prob, axis=1)
+def error_rates(post: Posteriors) -> dict:
+  """Exact top-1 / top-5 error over every example of every process, counted as training
+  counts them (`steps.topk_correct`: ties count against the label, NaNs are never right)."""
   k = min(5, post.probs.shape[1])
-  counts = np.array([len(post.labels), np.sum((rank >= 1) & (rank <= 1)),
-                     np.sum((rank >= 1) & (rank <= k))], np.int64)
+  correct = [np.sum(steps.topk_correct(post.probs, post.labels, top)) for top in (1, k)]
+  counts = np.array([len(post.labels), *correct], np.int64)
   totals = np.asarray(multihost_utils.process_allgather(counts)).reshape(-1, 3).sum(axis=0)
   total, top1, top5 = (int(t) for t in totals)
   return {'top1_error': 1.0 - top1 / total, 'top5_error': 1.0 - top5 / total,
@@ -254,7 +257,7 @@ def run(params, config, protocols: Sequence[str], batches: Callable[[str, int], 
   for name, needed in passes.items():
     post = computed[needed[0]].average([computed[p] for p in needed[1:]])
     results[name] = {
-        **errors(post),
+        **error_rates(post),
         'scales': sorted({q for _, q in needed}),
         'crops_per_image': protocol.views_per_image(needed, config.test_flip),
         'img_per_s': jax.process_count() / max(post.seconds_per_image, 1e-12),

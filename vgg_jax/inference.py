@@ -1,11 +1,11 @@
-"""Trained and imported nets in a notebook: load, preprocess, features, predict.
+"""Trained and imported nets in a notebook: load, transform, features, predict.
 
-  model, variables, preprocess = vgg_jax.load('workdirs/vgg16')   # a workdir or a convert DIR
-  x = preprocess(photos)                       # uint8 RGB -> the net's input (Q, centre crop)
+  model, variables, transform = vgg_jax.load('workdirs/vgg16')    # a workdir or a convert DIR
+  x = transform(photos)                        # uint8 RGB -> the net's input (Q, centre crop)
   feats = vgg_jax.features(model, variables, x, layers=('conv5_3', 'fc7'))
-  top5 = vgg_jax.predict(model, variables, photo, preprocess,
+  top5 = vgg_jax.predict(model, variables, photo, transform,
                          class_names=vgg_jax.class_names('workdirs/vgg16'))
-  d = vgg_jax.descriptors(model, variables, photos, preprocess)  # Appendix B, (N, 4096)
+  d = vgg_jax.descriptors(model, variables, photos, transform)  # Appendix B, (N, 4096)
 
 No tensorflow: images are numpy or jax arrays.
 """
@@ -24,7 +24,7 @@ from vgg_jax import checkpoints
 from vgg_jax import evaluation
 from vgg_jax import models
 from vgg_jax import ops
-from vgg_jax import preprocess as preprocessing
+from vgg_jax import preprocess
 from vgg_jax import protocol
 from vgg_jax import run_files
 from vgg_jax import winograd
@@ -32,8 +32,25 @@ from vgg_jax import winograd
 Images = Union[np.ndarray, jax.Array, Sequence[np.ndarray]]
 
 
+def as_rgb(image) -> np.ndarray:
+  """A uint8 image as the training pipeline reads it, (H, W, 3) RGB: grey, (H, W) or
+  (H, W, 1), repeated to RGB (`tf.io.decode_image(..., channels=3)`); an alpha channel, grey
+  or RGB + alpha, composited on white (what image_folder's preparation does with PIL:
+  round((pixel * alpha + 255 * (255 - alpha)) / 255))."""
+  image = np.asarray(image)
+  if image.ndim == 2:
+    image = image[..., None]
+  if image.ndim != 3 or image.shape[-1] not in (1, 2, 3, 4):
+    raise ValueError(f'Expected an image (H, W) or (H, W, C) with C = 1 (grey), 2 (grey and '
+                     f'alpha), 3 (RGB) or 4 (RGBA); got shape {image.shape}.')
+  if image.shape[-1] in (2, 4):
+    alpha = image[..., -1:].astype(np.float64)
+    image = np.round((image[..., :-1] * alpha + 255 * (255 - alpha)) / 255).astype(np.uint8)
+  return np.repeat(image, 3, axis=-1) if image.shape[-1] == 1 else image
+
+
 @dataclasses.dataclass(frozen=True)
-class Preprocess:
+class InputTransform:
   """What a net needs done to a photo: rescale to Q, crop, normalise (Sec. 3.2, Sec. 2.1).
 
   Attributes:
@@ -42,18 +59,19 @@ class Preprocess:
     image_size: the training crop; fc6 sees (image_size / 32)^2 conv5 cells.
     scale: Q, the smallest image side after the isotropic rescale.
     dtype: the net's compute dtype.
+    test_scales: the multi-scale Q the net is tested at (Sec. 3.2), which `descriptors` use
+      (Appendix B); (): Q alone.
   """
-  normalization: preprocessing.Normalization
+  normalization: preprocess.Normalization
   image_size: int
   scale: int
   dtype: str = 'float32'
+  test_scales: tuple[int, ...] = ()
 
   def rescale(self, image) -> np.ndarray:
-    """One (H, W, 3) image rescaled isotropically so its smallest side is Q, uint8
-    (bilinear, antialiased when shrinking, as the input pipeline does)."""
-    image = np.asarray(image)
-    if image.ndim != 3 or image.shape[-1] != 3:
-      raise ValueError(f'Expected an (H, W, 3) RGB image, got shape {image.shape}.')
+    """One image (`as_rgb`'s kinds) as RGB, rescaled isotropically so its smallest side is
+    Q, uint8 (bilinear, antialiased when shrinking, as the input pipeline does)."""
+    image = as_rgb(image)
     shape = (*protocol.rescaled_shape(*image.shape[:2], self.scale), 3)
     if shape == image.shape:
       return image.astype(np.uint8)
@@ -67,16 +85,16 @@ class Preprocess:
     return image[top:top + self.image_size, left:left + self.image_size]
 
   def __call__(self, images: Images) -> jax.Array:
-    """uint8 RGB images, (N, H, W, 3), one (H, W, 3), or a list of any sizes -> the net's
-    input (N, image_size, image_size, 3): each rescaled to Q, centre-cropped, normalised."""
-    if not isinstance(images, (list, tuple)) and np.ndim(images) == 3:
-      images = [images]
-    batch = np.stack([self.crop(self.rescale(image)) for image in images])
+    """uint8 images, (N, H, W, C), one (H, W[, C]), or a list of any sizes (`as_rgb`'s
+    kinds) -> the net's input (N, image_size, image_size, 3): each rescaled to Q,
+    centre-cropped, normalised."""
+    batch = np.stack([self.crop(self.rescale(image)) for image in _as_list(images)])
     return self.normalization(jnp.asarray(batch), models.DTYPES[self.dtype])
 
 
-def load(path: str, step: Optional[int] = None) -> tuple[models.VGG, dict, Preprocess]:
-  """(model, variables, preprocess) of a training workdir or a `vgg_jax.convert` output: the
+
+def load(path: str, step: Optional[int] = None) -> tuple[models.VGG, dict, InputTransform]:
+  """(model, variables, transform) of a training workdir or a `vgg_jax.convert` output: the
   newest checkpoint (or `step`), the net its config describes, its input normalisation."""
   config = checkpoints.load_config(path, step)
   model = models.create_model(config)
@@ -84,9 +102,10 @@ def load(path: str, step: Optional[int] = None) -> tuple[models.VGG, dict, Prepr
   # (`_with_transformed_kernels`).
   params = jax.tree.map(jnp.asarray, jax.device_get(checkpoints.restore_params(path, config,
                                                                                step)))
-  preprocess = Preprocess(preprocessing.Normalization.from_config(config), config.image_size,
-                          protocol.single_test_scale(config), config.dtype)
-  return model, {'params': params}, preprocess
+  transform = InputTransform(preprocess.Normalization.from_config(config), config.image_size,
+                             protocol.single_test_scale(config), config.dtype,
+                             protocol.test_scales(config))
+  return model, {'params': params}, transform
 
 
 class _TransformedKernels:
@@ -134,7 +153,7 @@ def _feature_names(variant: str) -> list[str]:
 
 def features(model: models.VGG, variables: dict, images: jax.Array,
              layers: Sequence[str] = ('conv5_3', 'fc7'), dense: bool = False) -> dict:
-  """The activations of the named layers for net inputs `images` (see `Preprocess`).
+  """The activations of the named layers for net inputs `images` (see `InputTransform`).
 
   Names are the paper's: conv1_1 ... conv5_4 and fc6, fc7 after their ReLU (fc7's are the
   4096-d image features of transfer-learning papers), pool1 ... pool5 after each max-pool, and
@@ -179,7 +198,8 @@ _dense_descriptors = jax.jit(evaluation.dense_descriptors,
 
 
 def _as_list(images: Images) -> list:
-  if not isinstance(images, (list, tuple)) and np.ndim(images) == 3:
+  """One image ((H, W) or (H, W, C)) or several ((N, H, W, C) or a list) as a list."""
+  if not isinstance(images, (list, tuple)) and np.ndim(images) in (2, 3):
     return [images]
   return list(images)
 
@@ -188,12 +208,13 @@ def _padded(image: np.ndarray) -> tuple[jax.Array, jax.Array]:
   """One rescaled image zero-padded to multiples of 32, and its (height, width), batched."""
   step = models.DOWNSAMPLING
   height, width = image.shape[:2]
-  padded = np.zeros((1, -(-height // step) * step, -(-width // step) * step, 3), np.uint8)
+  padded = np.zeros((1, protocol.round_up(height, step), protocol.round_up(width, step), 3),
+                    np.uint8)
   padded[0, :height, :width] = image
   return jnp.asarray(padded), jnp.asarray([[height, width]])
 
 
-def predict(model: models.VGG, variables: dict, images: Images, preprocess: Preprocess,
+def predict(model: models.VGG, variables: dict, images: Images, transform: InputTransform,
             k: int = 5, class_names: Optional[Sequence[str]] = None,
             flip: bool = False) -> list[list[dict]]:
   """Top-k classes of each image, any size: rescaled to Q and scored densely, the class
@@ -205,8 +226,8 @@ def predict(model: models.VGG, variables: dict, images: Images, preprocess: Prep
   results = []
   transformed = _transformed_kernels(model, variables['params'])
   for image in _as_list(images):
-    probs = _dense_posteriors(variables['params'], *_padded(preprocess.rescale(image)),
-                              model=model, normalization=preprocess.normalization, flip=flip,
+    probs = _dense_posteriors(variables['params'], *_padded(transform.rescale(image)),
+                              model=model, normalization=transform.normalization, flip=flip,
                               transformed=transformed)[0]
     top = np.argsort(-np.asarray(probs), kind='stable')[:k]
     results.append([{'label': int(i), **({'name': class_names[i]} if class_names else {}),
@@ -214,23 +235,25 @@ def predict(model: models.VGG, variables: dict, images: Images, preprocess: Prep
   return results
 
 
-def descriptors(model: models.VGG, variables: dict, images: Images, preprocess: Preprocess,
-                scales: Sequence[int] = (256, 384, 512), aggregate: str = 'average',
+def descriptors(model: models.VGG, variables: dict, images: Images, transform: InputTransform,
+                scales: Optional[Sequence[int]] = None, aggregate: str = 'average',
                 layer: str = 'fc7', flip: bool = True) -> np.ndarray:
   """Appendix B's image descriptors, (N, 4096 at full width; x len(scales) when stacked).
 
-  Each image, any size, is rescaled to each Q in `scales`, the net applied densely, `layer`'s
+  Each image, any size, is rescaled to each Q in `scales` (default: the net's test scales,
+  `transform.test_scales`, which are Appendix B's {256, 384, 512} for the paper's nets
+  trained at S in [256, 512]), the net applied densely, `layer`'s
   output (after its ReLU) averaged over the locations and, with `flip`, over the image and its
   mirror; the scales' descriptors are averaged or stacked, then L2-normalised. A linear
   classifier on these recognises classes the net was not trained on (`vgg_jax.linear_probe`).
   """
   per_scale = []
   transformed = _transformed_kernels(model, variables['params'])
-  for q in scales:
-    at_q = dataclasses.replace(preprocess, scale=int(q))
+  for q in scales or transform.test_scales or (transform.scale,):
+    at_q = dataclasses.replace(transform, scale=int(q))
     per_scale.append(np.concatenate([
         np.asarray(_dense_descriptors(variables['params'], *_padded(at_q.rescale(image)),
-                                      model=model, normalization=preprocess.normalization,
+                                      model=model, normalization=transform.normalization,
                                       flip=flip, layer=layer, transformed=transformed))
         for image in _as_list(images)]))
   return evaluation.aggregate_descriptors(per_scale, aggregate)

@@ -24,8 +24,6 @@ OPTIMIZER_FIELDS = ('frozen_layers', 'sgd_form')
 # Fields that fix the training order (`input_pipeline.train_dataset`): a resumed run with
 # other values would repeat or skip examples of the interrupted epoch.
 DATA_ORDER_FIELDS = ('batch_size', 'seed', 'train_split')
-# What a checkpoint whose config predates a field was written with.
-BEFORE_THE_FIELD = {'sgd_form': 'pytorch'}
 
 # Sec. 3.1: "we initialised the first four convolutional layers and the last three fully-
 # connected layers with the layers of net A". By name these have the same shapes in every net.
@@ -71,17 +69,16 @@ def check_resume(workdir: str, config) -> bool:
     return False
   step, saved = found
   for field in SHAPE_FIELDS + OPTIMIZER_FIELDS:
-    saved.setdefault(field, BEFORE_THE_FIELD.get(field, config.get(field)))
-    if saved[field] != config.get(field):
+    if saved[field] != config[field]:
       raise errors.ConfigError(
           f'config.{field}={config[field]!r}: {checkpoints.checkpoint_dir(workdir)} holds a '
-          f'checkpoint (step {step}) of a net with {field}={saved.get(field)!r}, whose '
+          f'checkpoint (step {step}) of a net with {field}={saved[field]!r}, whose '
           f'{"parameters" if field in SHAPE_FIELDS else "optimiser state"} does not fit. '
-          f'Resume with {field}={saved.get(field)!r}, or start in a new workdir (with '
+          f'Resume with {field}={saved[field]!r}, or start in a new workdir (with '
           'config.init_from to reuse the weights).')
-  changed = [f for f in DATA_ORDER_FIELDS if saved.get(f, config.get(f)) != config.get(f)]
+  changed = [f for f in DATA_ORDER_FIELDS if saved[f] != config[f]]
   for field in changed:
-    if not config.get('allow_data_order_change', False):
+    if not config.allow_data_order_change:
       raise errors.ConfigError(
           f'config.{field}={config[field]!r}: {checkpoints.checkpoint_dir(workdir)} holds a '
           f'checkpoint (step {step}) trained with {field}={saved[field]!r}, and another value '
@@ -112,9 +109,9 @@ def check_init_from(config) -> None:
         f'init_from at a net-{mode.sources[0]} run, or use init_mode=all to continue the same '
         'net (finetune for other classes).')
   for same in mode.same:
-    if source.get(same) != config[same]:
+    if source[same] != config[same]:
       raise errors.ConfigError(
-          f'{field}: holds a net with {same}={source.get(same)!r}, this run has '
+          f'{field}: holds a net with {same}={source[same]!r}, this run has '
           f'{same}={config[same]!r}; init_mode={name} needs them equal.')
 
 
@@ -122,7 +119,7 @@ def with_source_normalization(config):
   """`config` with the input normalisation of config.init_from's net (mean_rgb, std_rgb,
   channel_order): its weights were trained on those inputs, whatever this run's defaults say.
   A copy; `config` itself if there is no init_from or nothing differs."""
-  if not config.get('init_from'):
+  if not config.init_from:
     return config
   try:
     source = checkpoints.load_config(config.init_from)

@@ -140,7 +140,7 @@ def train_records(builder, config):
   prepared the dataset, else from a copy in `config.random_access_dir`, written by the first
   run that needs it (`random_access`). The dataset's directory is never written here.
   """
-  return random_access.source(builder, config.train_split, config.get('random_access_dir'))
+  return random_access.source(builder, config.train_split, config.random_access_dir)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -298,7 +298,10 @@ def _device_shape(batch, local_devices: int):
 def _options() -> tf.data.Options:
   options = tf.data.Options()
   options.deterministic = True
-  options.autotune.enabled = True
+  # No autotuning: its thread sleeps between optimisations (periods doubling up to a minute)
+  # and an iterator's teardown can wait that sleep out, so a run would linger after its last
+  # line. AUTOTUNE maps then run one call per core; prefetch buffers still grow on demand.
+  options.autotune.enabled = False
   options.experimental_optimization.map_parallelization = True
   return options
 
@@ -321,7 +324,7 @@ def train_dataset(builder, config, start_step: int = 0) -> tf.data.Dataset:
   first = jax.process_index() * sizes.local_batch
   transform = dict(scale=protocol.scale_bounds(config.train_scale),
                    image_size=config.image_size, flip=config.random_flip,
-                   decode_crop=config.get('decode_crop', False))
+                   decode_crop=config.decode_crop)
 
   def positions(step):
     epoch = step // sizes.steps_per_epoch

@@ -64,7 +64,7 @@ def split_descriptors(params, config, builder, split: str, scales: Sequence[int]
                       aggregate: str, features: str = 'net',
                       layer: str = 'fc7') -> tuple[np.ndarray, np.ndarray]:
   """(descriptors (n, d), labels (n,)) of every example of `split`, in split order."""
-  num_examples = -(-builder.info.splits[split].num_examples // jax.process_count())
+  num_examples = evaluation.per_process(builder.info.splits[split].num_examples)
   model = models.create_model(config)
   if features == 'pixels':
     p_step = lambda _, batch: _pixels(batch, scales[0])
@@ -112,7 +112,8 @@ def probe(workdir: str, dataset: str, scales: Optional[Sequence[int]] = None,
   config = checkpoints.load_config(workdir)
   target = config.copy_and_resolve_references()
   with target.unlocked():
-    target.dataset = dataset
+    # The probe's dataset and splits, not the training run's (a folder checks them when read).
+    target.update(dataset=dataset, train_split=train_split, eval_split=test_split)
     if data_dir:
       target.data_dir = data_dir
   scales = tuple(int(q) for q in scales) if scales else protocol.test_scales(config)
@@ -168,13 +169,9 @@ def main(argv):
     raise app.UsageError(f'Unexpected arguments: {" ".join(argv[1:])}')
   cli.setup()
   try:
-    scales = [int(q) for q in FLAGS.scales] if FLAGS.scales else None
-  except ValueError:
-    raise app.UsageError(f'--scales={",".join(FLAGS.scales)}: expected integers, e.g. '
-                         '--scales=36,54,72.') from None
-  try:
-    result = probe(FLAGS.workdir, FLAGS.dataset, scales, FLAGS.aggregate, FLAGS.features,
-                   FLAGS.layer, FLAGS.train_split, FLAGS.test_split, FLAGS.data_dir)
+    result = probe(FLAGS.workdir, FLAGS.dataset, cli.integers(FLAGS['scales']),
+                   FLAGS.aggregate, FLAGS.features, FLAGS.layer, FLAGS.train_split,
+                   FLAGS.test_split, FLAGS.data_dir)
   except (errors.ConfigError, FileNotFoundError) as e:
     raise app.UsageError(str(e)) from None
   print(f'{result["features"]} descriptors of {result["dataset"]} (Q = '

@@ -310,6 +310,5 @@ def create_model(config) -> VGG:
   return VGG(variant=config.variant, num_classes=config.num_classes,
              dropout_rate=config.dropout_rate, dtype=DTYPES[config.dtype], width=config.width,
              init_scheme=config.init, init_std=config.init_std,
-             init_std_as_full_size=getattr(config, 'init_std_as_full_size', False),
-             conv_algorithm=getattr(config, 'conv_algorithm', 'auto'),
-             weight_grad=getattr(config, 'weight_grad', 'auto'))
+             init_std_as_full_size=config.init_std_as_full_size,
+             conv_algorithm=config.conv_algorithm, weight_grad=config.weight_grad)

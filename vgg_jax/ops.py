@@ -86,10 +86,10 @@ def conv_matmul_weight_grad(x: jax.Array, kernel: jax.Array) -> jax.Array:
   """`conv`, whose kernel gradient is `shifted_matmul_weight_grad` rather than XLA's.
 
   XLA's CPU backend computes a kernel gradient as a convolution with an N x H x W window,
-  2-5x slower than the same FLOPs as matmuls where H and W are large (conv1-conv3): measured
-  by benchmarks/conv_grads.py. The value and the input gradient are XLA's. Its tangent is
-  `conv`'s, with the kernel's part a primitive whose transpose is the matmuls, so derivatives
-  of any order, in either mode, and vmap are `conv`'s.
+  slower than the same FLOPs as matmuls where H and W are large (conv1-conv3;
+  benchmarks/conv_grads.py, BENCHMARKS.md). The value and the input gradient are XLA's. Its
+  tangent is `conv`'s, with the kernel's part a primitive whose transpose is the matmuls, so
+  derivatives of any order, in either mode, and vmap are `conv`'s.
   """
   return conv(x, kernel)
 
@@ -129,10 +129,10 @@ batching.primitive_batchers[_conv_of_kernel] = (
 
 # How the convolutions' kernel gradients are computed (`VGG.weight_grad`).
 WEIGHT_GRADS = ('auto', 'conv', 'matmul')
-# 'auto' takes the matmuls for kernel gradients of at least this many FLOPs. Measured on a
-# 2-core CPU: net A at 128 x 128, batch 16 (0.9-5 GFLOP per layer) trains 1.8x faster with
-# them; the 1/8-width digits net at 32 x 32, batch 64 (under 0.08 GFLOP per layer) 1.5x
-# slower, its many small matmuls costing more than they save.
+# 'auto' takes the matmuls for kernel gradients of at least this many FLOPs: between the
+# large layers of net A at 128 x 128 (0.9-5 GFLOP), which train faster with them, and the
+# 1/8-width digits net's (under 0.08 GFLOP), whose many small matmuls cost more than they
+# save (BENCHMARKS.md, benchmarks/train_step.py).
 MATMUL_WEIGHT_GRAD_MIN_FLOPS = 2 ** 28
 
 
@@ -186,8 +186,9 @@ def max_pool_2x2(x: jax.Array) -> jax.Array:
 
   Written as a maximum of the four window corners, whose tangent is that of each window's
   first maximum, transposed to a backward pass of elementwise selects, because XLA's CPU
-  select-and-scatter (max_pool's gradient) is 4-10x slower (benchmarks/conv_grads.py). Odd
-  sizes (dense evaluation only) take XLA's reduce_window, as `nn.max_pool` does.
+  select-and-scatter (max_pool's gradient) is slower (benchmarks/conv_grads.py,
+  BENCHMARKS.md). Odd sizes (dense evaluation only) take XLA's reduce_window, as
+  `nn.max_pool` does.
   """
   if x.shape[1] % 2 or x.shape[2] % 2:
     return lax.reduce_window(x, -jnp.inf, lax.max, (1, 2, 2, 1), (1, 2, 2, 1), 'VALID')

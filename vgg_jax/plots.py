@@ -32,6 +32,7 @@ import numpy as np
 from tensorboard.backend.event_processing import event_accumulator
 from tensorboard.util import tensor_util
 
+from vgg_jax import checkpoints
 from vgg_jax import cli
 from vgg_jax import report
 
@@ -69,19 +70,29 @@ def read_scalars(workdir: str) -> dict[str, tuple[np.ndarray, np.ndarray]]:
 
 def results_scalars(workdir: str) -> dict[str, tuple[np.ndarray, np.ndarray]]:
   """The test protocols' errors of WORKDIR/eval/results.json (what `python -m vgg_jax.evaluate`
-  wrote) as one-point series test/PROTOCOL/top{1,5}_error at their checkpoint's step; {} if
-  there is no such file. Fused entries span several runs' steps and are left to the table."""
-  path = epath.Path(workdir) / 'eval' / 'results.json'
-  if not path.exists():
-    return {}
+  wrote) on the split training tests (`training_split`), as one-point series
+  test/PROTOCOL/top{1,5}_error at their checkpoint's step; {} if there are none. Fused entries
+  span several runs' steps and other splits are not what TensorBoard's test/ series hold:
+  both are left to the table."""
+  merged = report.read(workdir)
+  split = training_split(workdir, merged)
   scalars = {}
-  for name, r in json.loads(path.read_text()).items():
-    if name.startswith('fused:') or not isinstance(r.get('step'), int):
+  for name, r in merged.get(split, {}).items():
+    if name.startswith('fused:'):
       continue
     for k in (1, 5):
       scalars[f'test/{name}/top{k}_error'] = (np.array([r['step']]),
                                               np.array([r[f'top{k}_error']]))
   return scalars
+
+
+def training_split(workdir: str, merged: dict):
+  """The split the run's own evaluations read (its config's eval_split); without a checkpoint,
+  the one split of results.json, if it has one."""
+  saved = checkpoints.saved_config(workdir)
+  if saved is not None:
+    return saved[1].eval_split
+  return next(iter(merged)) if len(merged) == 1 else None
 
 
 def workdir_scalars(workdir: str) -> dict[str, tuple[np.ndarray, np.ndarray]]:
@@ -183,14 +194,15 @@ def _table(workdir: str) -> tuple[str, list[str], list[list[str]]]:
   results, final = (epath.Path(workdir) / 'eval' / 'results.json',
                     epath.Path(workdir) / 'eval_metrics.json')
   if results.exists():
-    entries = json.loads(results.read_text())
-    rows = [[name, r['net'], str(r['train_scale']), ', '.join(map(str, r['scales'])),
-             report.percent(r['top1_error']), report.percent(r['top5_error']),
+    rows = [[name, split, report.step_text(r['step']), r['net'], str(r['train_scale']),
+             ', '.join(map(str, r['scales'])), report.percent(r['top1_error']),
+             report.percent(r['top5_error']),
              '—' if r.get('paper') is None else f'{r["paper"][0]:.1f} / {r["paper"][1]:.1f}']
+            for split, entries in report.sections(report.read(workdir))
             for name, r in sorted(entries.items(), key=lambda e: e[0].startswith('fused:'))]
     return (f'Test protocols of {workdir} (eval/results.json)',
-            ['protocol', 'ConvNet', 'train S', 'test Q', 'top-1 err. (%)', 'top-5 err. (%)',
-             'paper top-1 / top-5 (%)'], rows)
+            ['protocol', 'split', 'checkpoint step', 'ConvNet', 'train S', 'test Q',
+             'top-1 err. (%)', 'top-5 err. (%)', 'paper top-1 / top-5 (%)'], rows)
   if final.exists():
     m = json.loads(final.read_text())
     return (f'Held-out error at the end of training of {workdir} (eval_metrics.json)',

@@ -32,7 +32,7 @@ def prepare(config) -> str:
   config_validation.check_random_access_dir(config)
   builder = input_pipeline.get_builder(config)
   split = config.train_split
-  where = random_access.location(builder, split, config.get('random_access_dir'))
+  where = random_access.location(builder, split, config.random_access_dir)
   files = [os.path.join(where, random_access.twin_name(shard))
            for name in random_access.split_names(split)
            for shard in builder.info.splits[name].filenames]

@@ -34,11 +34,9 @@ class Normalization:
 
   @classmethod
   def from_config(cls, config) -> 'Normalization':
-    """From config.mean_rgb, std_rgb and channel_order (the last two default for configs that
-    predate them)."""
+    """From config.mean_rgb, std_rgb and channel_order."""
     return cls(tuple(float(m) for m in config.mean_rgb),
-               tuple(float(s) for s in getattr(config, 'std_rgb', (1.0, 1.0, 1.0))),
-               getattr(config, 'channel_order', 'RGB'))
+               tuple(float(s) for s in config.std_rgb), config.channel_order)
 
   def __call__(self, images: jax.Array, dtype=jnp.float32,
                shift: Optional[jax.Array] = None) -> jax.Array:

@@ -21,10 +21,6 @@ _PASSES = {'single': ((DENSE, 'single'),), 'dense': ((DENSE, 'all'),),
 CROP_GRID = 5
 
 
-def _fail(field: str, value, why: str):
-  raise errors.ConfigError(f'config.{field}={value!r}: {why}')
-
-
 def parse_protocols(spec: str, name: str = '--protocol') -> tuple[str, ...]:
   """'all' or a comma-separated list of PROTOCOLS, checked."""
   names = PROTOCOLS if spec == 'all' else tuple(p.strip() for p in spec.split(',') if p.strip())
@@ -36,20 +32,21 @@ def parse_protocols(spec: str, name: str = '--protocol') -> tuple[str, ...]:
 
 def scale_bounds(train_scale) -> tuple[int, int]:
   """(Smin, Smax) of a fixed S or an (Smin, Smax) pair (Sec. 3.1), checked."""
+  fail = lambda why: errors.bad_field('train_scale', train_scale, why)
   if isinstance(train_scale, bool):
-    _fail('train_scale', train_scale, 'expected S or (Smin, Smax).')
+    raise fail('expected S or (Smin, Smax).')
   if isinstance(train_scale, int):
     bounds = (train_scale, train_scale)
   elif isinstance(train_scale, (tuple, list)) and len(train_scale) == 2 and all(
       isinstance(s, int) and not isinstance(s, bool) for s in train_scale):
     bounds = tuple(train_scale)
   else:
-    _fail('train_scale', train_scale, 'expected an int S or a pair (Smin, Smax) of ints.')
+    raise fail('expected an int S or a pair (Smin, Smax) of ints.')
   if bounds[0] > bounds[1]:
-    _fail('train_scale', train_scale, f'Smin={bounds[0]} > Smax={bounds[1]}; write the range '
-          'as (Smin, Smax), e.g. (256, 512).')
+    raise fail(f'Smin={bounds[0]} > Smax={bounds[1]}; write the range as (Smin, Smax), e.g. '
+               '(256, 512).')
   if bounds[0] <= 0:
-    _fail('train_scale', train_scale, 'S must be positive.')
+    raise fail('S must be positive.')
   return bounds
 
 
@@ -64,7 +61,7 @@ def single_test_scale(config) -> int:
 def test_scales(config) -> tuple[int, ...]:
   """Multi-scale testing: `config.test_scales`, else the paper's {S - 32, S, S + 32} for a
   fixed S and {Smin, (Smin + Smax) / 2, Smax} for a jittered one."""
-  if config.get('test_scales'):
+  if config.test_scales:
     return tuple(int(q) for q in config.test_scales)
   smin, smax = scale_bounds(config.train_scale)
   if smin == smax:
@@ -75,7 +72,7 @@ def test_scales(config) -> tuple[int, ...]:
 def check_scales(scales: Sequence[int], image_size: int) -> None:
   small = [q for q in scales if q < image_size]
   if small:
-    raise ValueError(f'Test scales {", ".join(map(str, small))} are smaller than the '
+    raise errors.ConfigError(f'Test scales {", ".join(map(str, small))} are smaller than the '
                      f'{image_size}-pixel training crop: every Q must be >= {image_size}.')
 
 
@@ -94,6 +91,11 @@ def crop_offsets(length, crop: int, num: int = CROP_GRID,
   return [round_fn(i * (length - crop) / (num - 1)) for i in range(num)]
 
 
+def round_up(length, multiple: int):
+  """`length` rounded up to a multiple of `multiple` (ints, or TensorFlow scalars)."""
+  return -(-length // multiple) * multiple
+
+
 def dense_shapes_bound(q: int, config) -> int:
   """How many image shapes (hence compilations) dense evaluation at scale `q` can meet.
 
@@ -101,8 +103,8 @@ def dense_shapes_bound(q: int, config) -> int:
   multiple of dense_size_step: one square shape plus, per orientation, one per step.
   """
   step = config.dense_size_step
-  short = -(-q // step) * step
-  long = -(-max(q, int(config.dense_max_aspect * q)) // step) * step
+  short = round_up(q, step)
+  long = round_up(max(q, int(config.dense_max_aspect * q)), step)
   return 1 + 2 * ((long - short) // step)
 
 

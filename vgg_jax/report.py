@@ -1,9 +1,11 @@
 """Evaluation results laid out like the paper's Tables 3-6, with its numbers beside ours.
 
 `write` merges a run's results into WORKDIR/eval/results.json and redraws
-WORKDIR/eval/results.md. A paper number is shown only where our run is the paper's
-experiment: ImageNet ILSVRC-2012 validation, full width, 224 crops, the paper's training
-scale and its test scales for that protocol.
+WORKDIR/eval/results.md, one table per split and checkpoint step: each entry records its
+dataset, split, test scales and checkpoint step, and no table mixes splits or steps. A paper
+number is shown only where our run is the paper's experiment: ImageNet ILSVRC-2012
+validation, full width, 224 crops, the paper's training scale and its test scales for that
+protocol.
 """
 
 import json
@@ -93,26 +95,64 @@ def markdown_table(header, rows) -> list[str]:
           *(f'| {" | ".join(map(str, row))} |' for row in rows)]
 
 
-def markdown(results: dict, title: str) -> str:
-  """results.json's entries as a table with the paper's columns (Tables 3-6)."""
-  header = ['method', 'ConvNet', 'train S', 'test Q', 'crops / image', 'top-1 err. (%)',
-            'top-5 err. (%)', 'paper top-1 / top-5 (%)', 'img/s', 'checkpoint step']
+# The section of an old results.json, written before entries recorded their split.
+UNRECORDED_SPLIT = '(split not recorded)'
+
+
+def step_text(step) -> str:
+  """A checkpoint step, or the steps of fused nets, as a table prints it."""
+  return ', '.join(map(str, step)) if isinstance(step, list) else str(step)
+
+
+def _rows(entries: dict) -> list[list]:
   order = {p: i for i, p in enumerate(protocol.PROTOCOLS)}
   rows = []
-  for name in sorted(results, key=lambda n: (n.startswith('fused:'),
+  for name in sorted(entries, key=lambda n: (n.startswith('fused:'),
                                              order.get(n.split(':')[-1], 99), n)):
-    r = results[name]
+    r = entries[name]
     base = name.split(':')[-1]
     method = f'{base} ({"Table 6" if name.startswith("fused:") else _TABLE_OF[base]})'
     paper = '—' if r.get('paper') is None else f'{r["paper"][0]} / {r["paper"][1]}'
     rows.append([method, r['net'], r['train_scale'], ', '.join(map(str, r['scales'])),
                  r['crops_per_image'], percent(r['top1_error']), percent(r['top5_error']),
-                 paper, f'{r["img_per_s"]:.1f}', r['step']])
-  lines = [f'# {title}', '', *markdown_table(header, rows)]
-  lines += ['', 'Errors over all %d examples (exact counts). Views per image: dense, the '
-            'whole image per scale; multi-crop, a 5x5 grid of crops per scale; each also '
+                 paper, f'{r["img_per_s"]:.1f}'])
+  return rows
+
+
+def _newest(step) -> int:
+  return max(step) if isinstance(step, list) else step
+
+
+def sections(merged: dict) -> list[tuple[str, dict]]:
+  """results.json's entries grouped so that no group mixes splits or checkpoints: (split,
+  {name: entry}) per split and checkpoint step (a list of steps for fused nets), each
+  split's newest first."""
+  groups = []
+  for split in sorted(merged):
+    by_step = {}
+    for name, r in merged[split].items():
+      by_step.setdefault(step_text(r['step']), {})[name] = r
+    steps = lambda entries: next(iter(entries.values()))['step']
+    groups += [(split, entries) for entries in sorted(
+        by_step.values(), key=lambda e: (-_newest(steps(e)), isinstance(steps(e), list)))]
+  return groups
+
+
+def markdown(merged: dict, title: str) -> str:
+  """results.json as tables with the paper's columns (Tables 3-6), one per split and checkpoint
+  step: a table never mixes them."""
+  header = ['method', 'ConvNet', 'train S', 'test Q', 'crops / image', 'top-1 err. (%)',
+            'top-5 err. (%)', 'paper top-1 / top-5 (%)', 'img/s']
+  lines = [f'# {title}']
+  for split, entries in sections(merged):
+    first = next(iter(entries.values()))
+    lines += ['', f'## Split {split!r}, checkpoint step {step_text(first["step"])}: '
+              f'{max(r["num_examples"] for r in entries.values())} examples', '',
+              *markdown_table(header, _rows(entries))]
+  lines += ['', 'Errors over every example of the split (exact counts). Views per image: dense, '
+            'the whole image per scale; multi-crop, a 5x5 grid of crops per scale; each also '
             'flipped when config.test_flip (Sec. 3.2). img/s: steady state, compilation '
-            'excluded.' % max(r['num_examples'] for r in results.values())]
+            'excluded.']
   return '\n'.join(lines) + '\n'
 
 
@@ -122,21 +162,37 @@ def describe(config) -> dict:
 
 
 def annotate(results: dict, config, step: int, split: str) -> dict:
-  """Adds to each protocol's results the net, its training scale, the checkpoint step and
-  the paper's figure for the same experiment (None where the paper has none)."""
-  return {name: {**r, **describe(config), 'step': step,
-                     'paper': paper_result(config, name, r['scales'], split)}
+  """Adds to each protocol's results what says which experiment it is: the net, its training
+  scale, the dataset, split and checkpoint step, and the paper's figure for the same
+  experiment (None where the paper has none). The test scales are already there."""
+  return {name: {**r, **describe(config), 'dataset': config.dataset, 'split': split,
+                 'step': step, 'paper': paper_result(config, name, r['scales'], split)}
           for name, r in results.items()}
 
 
+def read(workdir: str) -> dict:
+  """WORKDIR/eval/results.json: {split: {protocol or 'fused:PROTOCOL': entry}}; {} if absent.
+  An older file's flat entries come under UNRECORDED_SPLIT."""
+  path = epath.Path(workdir) / 'eval' / 'results.json'
+  if not path.exists():
+    return {}
+  merged = json.loads(path.read_text())
+  if any('top1_error' in entry for entry in merged.values()):
+    return {UNRECORDED_SPLIT: merged}
+  return merged
+
+
 def write(workdir: str, results: dict, title: str) -> str:
-  """Merges `results` into WORKDIR/eval/results.json (other protocols' entries are kept) and
-  rewrites WORKDIR/eval/results.md; returns the eval directory. Local paths or gs://."""
+  """Merges `results`, the annotated entries of one split, into WORKDIR/eval/results.json
+  (entries of other splits and protocols are kept; a protocol evaluated again replaces its
+  entry) and rewrites WORKDIR/eval/results.md; returns the eval directory. Local or gs://."""
+  splits = {r['split'] for r in results.values()}
+  if len(splits) != 1:
+    raise ValueError(f'Results of one split at a time, not of {sorted(splits)}.')
   directory = epath.Path(workdir) / 'eval'
   directory.mkdir(parents=True, exist_ok=True)
-  path = directory / 'results.json'
-  merged = json.loads(path.read_text()) if path.exists() else {}
-  merged.update(results)
-  path.write_text(json.dumps(merged, indent=2))
+  merged = read(workdir)
+  merged.setdefault(splits.pop(), {}).update(results)
+  (directory / 'results.json').write_text(json.dumps(merged, indent=2))
   (directory / 'results.md').write_text(markdown(merged, title))
   return str(directory)

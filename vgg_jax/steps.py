@@ -36,16 +36,20 @@ class TrainState(train_state.TrainState):
   nonfinite_steps: Any = 0
 
 
+def _local_sharding(*spec) -> jax.sharding.NamedSharding:
+  """A sharding over the local devices, in pmap's order, along AXIS."""
+  mesh = jax.sharding.Mesh(np.asarray(jax.local_devices()), (AXIS,))
+  return jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec(*spec))
+
+
 def replicated_sharding() -> jax.sharding.NamedSharding:
   """How the pmapped steps hold the state: one full copy on every local device."""
-  mesh = jax.sharding.Mesh(np.asarray(jax.local_devices()), (AXIS,))
-  return jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())
+  return _local_sharding()
 
 
 def batch_sharding() -> jax.sharding.NamedSharding:
   """How the pmapped steps take a batch: leading axis split over the local devices."""
-  mesh = jax.sharding.Mesh(np.asarray(jax.local_devices()), (AXIS,))
-  return jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec(AXIS))
+  return _local_sharding(AXIS)
 
 
 def prefetch_to_device(batches: Iterator, size: int = 2) -> Iterator:
@@ -67,7 +71,7 @@ def _decay_mask(params):
 
 def frozen_prefixes(config) -> tuple[str, ...]:
   """config.frozen_layers ('conv', 'conv1,conv2', 'conv,fc6', ...) as layer-name prefixes."""
-  spec = getattr(config, 'frozen_layers', '') or ''
+  spec = config.frozen_layers
   return tuple(p.strip() for p in spec.split(',') if p.strip())
 
 
@@ -108,7 +112,7 @@ def create_optimizer(config) -> optax.GradientTransformationExtraArgs:
   decay = optax.add_decayed_weights(config.weight_decay, mask=_decay_mask)
   rate = optax.chain(optax.scale(-config.learning_rate), scale_by_plateau())
   momentum = optax.trace(decay=config.momentum)
-  sgd = (optax.chain(decay, rate, momentum) if config.get('sgd_form', 'caffe') == 'caffe'
+  sgd = (optax.chain(decay, rate, momentum) if config.sgd_form == 'caffe'
          else optax.chain(decay, momentum, rate))
   prefixes = frozen_prefixes(config)
   if not prefixes:
@@ -136,9 +140,9 @@ def create_plateau(config) -> optax.GradientTransformationExtraArgs:
 def init_params(model: models.VGG, rng: jax.Array, dummy: jax.Array):
   """`model.init`'s parameters, compiled with XLA's backend optimisations off on CPU.
 
-  The initialisers' normal draws go through threefry and erfinv, which XLA's CPU backend takes
-  ~9 s to optimise for a whole VGG and ~1.3 s not to; init runs once, so the slower code
-  costs nothing that matters. The draws are the same distribution (values may differ from an
+  The initialisers' normal draws go through threefry and erfinv, which XLA's CPU backend is
+  slow to optimise for a whole VGG; init runs once, so the unoptimised code costs nothing
+  that matters. The draws are the same distribution (values may differ from an
   optimised compilation in the last bit).
   """
   init = jax.jit(lambda r: model.init(r, dummy, train=False)).lower(rng)
@@ -218,7 +222,7 @@ def train_step(state: TrainState, batch: dict[str, jax.Array], rng: jax.Array, *
     return jnp.mean(metrics['loss']), metrics
 
   grad_fn = jax.grad(loss_fn, has_aux=True)
-  accum = config.get('grad_accum_steps', 1)
+  accum = config.grad_accum_steps
   if accum == 1:
     grads, metrics = grad_fn(state.params, images, batch['label'], dropout_rng)
   else:

@@ -11,6 +11,7 @@ per multiply-add, 92.8 GFLOP for net D.
 
 import dataclasses
 import math
+import sys
 from typing import Sequence
 
 from vgg_jax import models
@@ -33,6 +34,9 @@ def layers(variant: str = 'D', image_size: int = 224, width: float = 1.0,
   """The input, every weight layer, LRN and max-pool of `variant`, in order, for one image."""
   if variant not in models.VGG_SPECS:
     raise ValueError(f'variant={variant!r}: expected one of {", ".join(models.VARIANTS)}.')
+  if image_size <= 0 or image_size % models.DOWNSAMPLING:
+    raise ValueError(f'image_size={image_size}: must be a positive multiple of '
+                     f'{models.DOWNSAMPLING} (five 2x2 max-pools), e.g. 224.')
   size, channels = image_size, 3
   rows = [Layer('input', (size, size, channels), 0, 0)]
   for block, specs in enumerate(models.VGG_SPECS[variant], start=1):
@@ -62,6 +66,25 @@ def totals(variant: str = 'D', image_size: int = 224, width: float = 1.0,
   rows = layers(variant, image_size, width, num_classes)
   return {'params': sum(r.params for r in rows), 'macs': sum(r.macs for r in rows),
           'activations': sum(r.activations for r in rows)}
+
+
+def dense_macs(variant: str, size: tuple[int, int], image_size: int = 224, width: float = 1.0,
+               num_classes: int = 1000) -> int:
+  """Multiply-adds of one pass of the net applied densely (Sec. 3.2) to a (height, width)
+  input, each a multiple of 32: the convolutions over all of it, fc6 as a (image_size /
+  32)^2-window convolution over pool5, and fc7 and fc8 at each of fc6's outputs. At
+  (image_size, image_size), `totals`' count."""
+  height, width_px = size
+  if height % models.DOWNSAMPLING or width_px % models.DOWNSAMPLING or min(size) < image_size:
+    raise ValueError(f'size={size}: each side must be a multiple of {models.DOWNSAMPLING} and '
+                     f'at least image_size={image_size}.')
+  rows = layers(variant, image_size, width, num_classes)
+  convs = sum(r.macs for r in rows if r.name.startswith('conv'))
+  fcs = sum(r.macs for r in rows if r.name.startswith('fc'))
+  grid = image_size // models.DOWNSAMPLING
+  locations = ((height // models.DOWNSAMPLING - grid + 1) *
+               (width_px // models.DOWNSAMPLING - grid + 1))
+  return convs * height * width_px // image_size ** 2 + locations * fcs
 
 
 def train_flops_per_image(variant: str, image_size: int = 224, width: float = 1.0,
@@ -100,15 +123,18 @@ def table(variant: str = 'D', image_size: int = 224, width: float = 1.0,
 
 def main(argv) -> None:
   del argv
-  print(table(FLAGS.variant, FLAGS.image_size, FLAGS.width, FLAGS.num_classes))
+  try:
+    print(table(FLAGS.variant, FLAGS.image_size, FLAGS.width, FLAGS.num_classes))
+  except ValueError as e:
+    sys.exit(f'vgg_jax.summary: {e}')
 
 
 if __name__ == '__main__':
-  from absl import app  # pylint: disable=g-import-not-at-top
   from absl import flags  # pylint: disable=g-import-not-at-top
+  from vgg_jax import cli  # pylint: disable=g-import-not-at-top
   flags.DEFINE_enum('variant', 'D', list(models.VARIANTS), 'Configuration of Table 1.')
   flags.DEFINE_integer('image_size', 224, 'Input size (a multiple of 32).')
   flags.DEFINE_float('width', 1.0, 'Channel multiplier.')
   flags.DEFINE_integer('num_classes', 1000, 'Width of fc8.')
   FLAGS = flags.FLAGS
-  app.run(main)
+  cli.run(main)

@@ -60,20 +60,28 @@ class Preemption:
   NAMES = {signal.SIGTERM: 'SIGTERM', signal.SIGINT: 'Ctrl-C'}
 
   def __init__(self):
-    self.requested_by, self._previous = None, {}
+    self.requested_by, self.aborted, self._previous = None, False, {}
     if jax.process_count() == 1 and threading.current_thread() is threading.main_thread():
       self._previous = {signum: signal.signal(signum, self._handle) for signum in self.NAMES}
 
   def _handle(self, signum, frame):
     del frame
     if self.requested_by is not None and signum == signal.SIGINT:
+      self.aborted = True
       raise KeyboardInterrupt
     if self.requested_by is None:
       logging.warning('%s: saving the current step, then stopping%s.', self.NAMES[signum],
                       ' (Ctrl-C again aborts at once)' if signum == signal.SIGINT else '')
     self.requested_by = self.requested_by or self.NAMES[signum]
 
+  def check_aborted(self) -> None:
+    """KeyboardInterrupt if a second Ctrl-C came: the handler's own one is lost where it lands
+    in code whose exceptions Python ignores (a `__del__`, such as TensorFlow's)."""
+    if self.aborted:
+      raise KeyboardInterrupt
+
   def reached(self, step: int) -> bool:
+    self.check_aborted()
     if jax.process_count() > 1:
       return multihost_utils.reached_preemption_sync_point(step)
     return self.requested_by is not None
@@ -83,25 +91,64 @@ class Preemption:
       signal.signal(signum, previous)
 
 
-def check_finite(history: list, state, config) -> None:
-  """Raises NonFiniteError at the first step of `history` ([(step, metrics)] on the host) whose
-  loss or gradient norm was not finite; with skip_nonfinite_steps, logs it instead."""
-  for step, metrics in history:
-    if not metrics['nonfinite']:
-      continue
-    name, value = (('loss', metrics['loss']) if not np.isfinite(metrics['loss'])
-                   else ('gradient norm', metrics['grad_norm']))
-    if not config.skip_nonfinite_steps:
-      raise NonFiniteError(
-          f'step {step}: the {name} is {value}. Its update was not applied and training stopped '
-          'before saving it; the checkpoints in the workdir hold only finite steps. Lower '
-          'config.learning_rate, check the data, or set config.skip_nonfinite_steps=True to '
-          'skip such steps.')
-    logging.warning('step %d: the %s is %s; update skipped (%d skipped in this run so far).',
-                    step, name, value, int(jax.device_get(state.nonfinite_steps)))
+def is_time(step: int, every: int, last_step: int) -> bool:
+  """Whether a periodic action runs at `step`: every `every` steps (never if every <= 0) and
+  at the last step."""
+  return step == last_step or (every > 0 and step % every == 0)
 
 
-def evaluate(p_eval_step, state, builder, config) -> dict:
+class TrainMetrics:
+  """The train metrics of the steps since the last log, left on the devices until a log
+  needs them, and each step's non-finite flag read one step late: by then the next step is
+  queued, so the device never waits on the host. A non-finite step stops the run at the
+  next step (NonFiniteError), or is logged and counted with config.skip_nonfinite_steps."""
+
+  def __init__(self, skip_nonfinite_steps: bool):
+    self._skip = skip_nonfinite_steps
+    self._steps, self._checked = [], 0  # [(step, metrics on the devices)]; how many checked.
+
+  def add(self, step: int, metrics: dict, state) -> None:
+    """Keeps `step`'s metrics and checks those before it."""
+    self._steps.append((step, metrics))
+    self._check(len(self._steps) - 1, state)
+
+  def check_all(self, state) -> None:
+    """Checks every step kept, the newest included (before a checkpoint is saved)."""
+    self._check(len(self._steps), state)
+
+  def _check(self, end: int, state) -> None:
+    for step, metrics in self._steps[self._checked:end]:
+      if float(metrics['nonfinite']):
+        _nonfinite_step(step, jax.device_get(metrics), state, self._skip)
+    self._checked = max(self._checked, end)
+
+  def summary(self, state) -> dict:
+    """Mean train metrics over the finite steps kept (all of them, if none is), which are
+    then dropped; the learning rate is the one in force at the last step, not a mean across
+    a drop."""
+    self.check_all(state)
+    kept = [jax.device_get(metrics) for _, metrics in self._steps]
+    self._steps, self._checked = [], 0
+    finite = [m for m in kept if not m['nonfinite']] or kept
+    summary = {k: float(np.mean([m[k] for m in finite])) for k in finite[0]}
+    summary['learning_rate'] = float(kept[-1]['learning_rate'])
+    return summary
+
+
+def _nonfinite_step(step: int, metrics: dict, state, skip: bool) -> None:
+  name, value = (('loss', metrics['loss']) if not np.isfinite(metrics['loss'])
+                 else ('gradient norm', metrics['grad_norm']))
+  if not skip:
+    raise NonFiniteError(
+        f'step {step}: the {name} is {value}. Its update was not applied and training stopped '
+        'before saving it; the checkpoints in the workdir hold only finite steps. Lower '
+        'config.learning_rate, check the data, or set config.skip_nonfinite_steps=True to '
+        'skip such steps.')
+  logging.warning('step %d: the %s is %s; update skipped (%d skipped in this run so far).',
+                  step, name, value, int(jax.device_get(state.nonfinite_steps)))
+
+
+def held_out_metrics(p_eval_step, state, builder, config) -> dict:
   """Loss and top-1/top-5 error over every example of the eval split (exact counts)."""
   ds, _ = input_pipeline.eval_dataset(builder, config)
   totals = None
@@ -122,7 +169,7 @@ def evaluate_protocols(state, builder, config, workdir: str, step: int, writer,
   WORKDIR/eval/results.json and results.md, as `python -m vgg_jax.evaluate` writes them.
   """
   protocols = protocol.parse_protocols(config.eval_protocols, name='config.eval_protocols')
-  num_examples = -(-builder.info.splits[config.eval_split].num_examples // jax.process_count())
+  num_examples = evaluation.per_process(builder.info.splits[config.eval_split].num_examples)
   results, _ = evaluation.run(state.params, config, protocols,
                               functools.partial(input_pipeline.test_batch_iterator, builder, config),
                               num_examples)
@@ -131,7 +178,7 @@ def evaluate_protocols(state, builder, config, workdir: str, step: int, writer,
                               for metric in ('top1_error', 'top5_error')})
   if final and jax.process_index() == 0:
     report.write(workdir, report.annotate(results, config, step, config.eval_split),
-                 f'Evaluation of {workdir}: {config.dataset}, split {config.eval_split!r}')
+                 f'Evaluation of {workdir}: {config.dataset}')
   return results
 
 
@@ -140,15 +187,6 @@ def _create_writer(workdir: str) -> metric_writers.MetricWriter:
     return metric_writers.MultiWriter([])
   return metric_writers.AsyncWriter(
       metric_writers.SummaryWriter(os.path.join(workdir, 'tensorboard')))
-
-
-def _summarize(history: list) -> dict:
-  """Mean train metrics over the finite steps of `history` (all of them, if none is); the
-  learning rate is the one in force at the last step, not a mean across a drop."""
-  finite = [m for _, m in history if not m['nonfinite']] or [m for _, m in history]
-  summary = {k: float(np.mean([m[k] for m in finite])) for k in finite[0]}
-  summary['learning_rate'] = float(history[-1][1]['learning_rate'])
-  return summary
 
 
 def plateau_step(state: steps.TrainState, config, step: int, validation_error: float,
@@ -210,7 +248,7 @@ def preflight(config, workdir: str) -> Plan:
         f'classes; set --config.num_classes={dataset_classes}.')
   sizes = input_pipeline.train_sizes(builder, config)
   input_pipeline.train_records(builder, config)  # Writes the copy it reads by index, if need be.
-  if not resuming and config.get('init_from'):
+  if not resuming and config.init_from:
     init_from.check_init_from(config)
   check_workdir(workdir)
   run_files.write_class_names(workdir, input_pipeline.class_names(builder))
@@ -231,7 +269,7 @@ def initial_state(config, manager, init_rng: jax.Array) -> steps.TrainState:
   if restored is not None:
     logging.info('Resumed from %s at step %d.', manager.directory, int(restored.step))
     return restored
-  if config.get('init_from'):
+  if config.init_from:
     params = init_from.seed_params(jax.device_get(state.params), config)
     return steps.create_train_state(config, init_rng, config.image_size, params=params)
   return state
@@ -253,9 +291,9 @@ def train_and_evaluate(config, workdir: str) -> dict:
 
 def _train(plan: Plan, workdir: str, manager, state: steps.TrainState,
            step_rng: jax.Array) -> dict:
-  """The loop: steps, logs, evaluations, the plateau rule, checkpoints, preemption."""
-  config, builder, num_steps, eval_every = (plan.config, plan.builder, plan.num_steps,
-                                            plan.eval_every)
+  """The loop: steps, logs, evaluations, the plateau rule, checkpoints, preemption; then the
+  final held-out evaluation."""
+  config, builder, num_steps = plan.config, plan.builder, plan.num_steps
   start_step = int(jax.device_get(state.step))
   writer = _create_writer(workdir)
   if start_step == 0:
@@ -265,65 +303,36 @@ def _train(plan: Plan, workdir: str, manager, state: steps.TrainState,
   batches = steps.prefetch_to_device(
       input_pipeline.as_numpy(input_pipeline.train_dataset(builder, config, start_step)))
   progress = progress_lib.Progress(num_steps, config.batch_size)
+  metrics = TrainMetrics(config.skip_nonfinite_steps)
   preemption = Preemption()
-  pending, history, eval_metrics, eval_step = [], [], None, None
-
-  def pull():
-    """The metrics of the steps run since the last pull, on the host and checked: a
-    non-finite step stops the run here, before anything is saved."""
-    nonlocal pending
-    steps_run = [(s, jax.device_get(m)) for s, m in pending]
-    pending = []
-    check_finite(steps_run, state, config)
-    return steps_run
-
+  held_out = None  # (step, metrics) of the newest held-out evaluation.
   try:
     for step in range(start_step + 1, num_steps + 1):
-      state, metrics = p_train_step(state, next(batches), step_rng)
-      pending.append((step, metrics))
+      state, step_metrics = p_train_step(state, next(batches), step_rng)
+      metrics.add(step, step_metrics, state)
       if step == start_step + 1:
-        jax.block_until_ready(metrics)
+        jax.block_until_ready(step_metrics)
         logging.info('First step done (compilation included).')
         progress.restart(step)
-      if step % config.log_every_steps == 0 or step == num_steps:
-        history += pull()
-        summary = _summarize(history)
-        history = []
-        img_per_s, eta = progress.rate(step)
-        writer.write_scalars(step, {**{f'train/{k}': v for k, v in summary.items()},
-                                    'train/img_per_s': img_per_s})
-        logging.info('step %d/%d: loss %.4f, top-1 err %.2f%%, top-5 err %.2f%%, lr %.3g, '
-                     '%s img/s, ETA %s', step, num_steps, summary['loss'],
-                     100 * summary['top1_error'], 100 * summary['top5_error'],
-                     summary['learning_rate'], progress_lib.rate(img_per_s),
-                     progress_lib.duration(eta))
-      if step % eval_every == 0 or step == num_steps:
-        eval_metrics, eval_step = evaluate(p_eval_step, state, builder, config), step
-        writer.write_scalars(step, {f'eval/{k}': v for k, v in eval_metrics.items()})
-        logging.info('step %d eval on %d examples: loss %.4f, top-1 err %.2f%%, top-5 err '
-                     '%.2f%%', step, eval_metrics['num_examples'], eval_metrics['loss'],
-                     100 * eval_metrics['top1_error'], 100 * eval_metrics['top5_error'])
-        if step % eval_every == 0:
-          state = plateau_step(state, config, step, eval_metrics['top1_error'], writer)
+      if is_time(step, config.log_every_steps, num_steps):
+        _log_train(writer, step, num_steps, metrics.summary(state), progress)
+      if is_time(step, plan.eval_every, num_steps):
+        held_out = step, held_out_metrics(p_eval_step, state, builder, config)
+        _log_held_out(writer, step, held_out[1])
+        if step % plan.eval_every == 0:
+          state = plateau_step(state, config, step, held_out[1]['top1_error'], writer)
         progress.restart(step)
-      protocols_every = config.eval_protocols_every_steps
-      if config.eval_protocols and (step == num_steps or
-                                    (protocols_every > 0 and step % protocols_every == 0)):
+      if config.eval_protocols and is_time(step, config.eval_protocols_every_steps, num_steps):
         evaluate_protocols(state, builder, config, workdir, step, writer,
                            final=step == num_steps)
         progress.restart(step)
       preempted = preemption.reached(step) and step < num_steps
-      if step % config.checkpoint_every_steps == 0 or step == num_steps or preempted:
-        history += pull()
+      if is_time(step, config.checkpoint_every_steps, num_steps) or preempted:
+        metrics.check_all(state)
         checkpoints.save(manager, state, config)
         logging.info('Saving checkpoint of step %d in %s.', step, manager.directory)
       if preempted:
-        checkpoints.wait_until_finished(manager)
-        writer.flush()
-        logging.warning('Stopped by %s at step %d: its checkpoint is saved in %s. Run the '
-                        'same command again to resume there.', preemption.requested_by or
-                        'SIGTERM', step, manager.directory)
-        return {'preempted_at_step': step}
+        return _stopped(manager, writer, preemption, step)
     checkpoints.wait_until_finished(manager)
   except BaseException:
     # Whatever stopped the loop, a save already under way may complete; its own failure, if
@@ -334,15 +343,48 @@ def _train(plan: Plan, workdir: str, manager, state: steps.TrainState,
   finally:
     preemption.close()
   writer.flush()
-  if int(jax.device_get(state.nonfinite_steps)):
-    logging.warning('%d step(s) had a non-finite loss or gradient and were skipped.',
-                    int(jax.device_get(state.nonfinite_steps)))
+  skipped = int(jax.device_get(state.nonfinite_steps))
+  if skipped:
+    logging.warning('%d step(s) had a non-finite loss or gradient and were skipped.', skipped)
+  if held_out is None:  # A run resumed at its last step: the loop ran no step.
+    held_out = num_steps, held_out_metrics(p_eval_step, state, builder, config)
+  return _final_result(workdir, config, num_steps, held_out[1])
 
-  if eval_step != num_steps:
-    eval_metrics = evaluate(p_eval_step, state, builder, config)
-  result = {'step': num_steps, 'top1_error': eval_metrics['top1_error'],
-            'top5_error': eval_metrics['top5_error'],
-            'num_examples': eval_metrics['num_examples']}
+
+def _stopped(manager, writer, preemption: Preemption, step: int) -> dict:
+  """Ends a run stopped by SIGTERM or Ctrl-C once the checkpoint of `step` is on disk."""
+  checkpoints.wait_until_finished(manager)
+  preemption.check_aborted()
+  writer.flush()
+  logging.warning('Stopped by %s at step %d: its checkpoint is saved in %s. Run the same '
+                  'command again to resume there.', preemption.requested_by or 'SIGTERM', step,
+                  manager.directory)
+  return {'preempted_at_step': step}
+
+
+def _log_train(writer, step: int, num_steps: int, summary: dict,
+               progress: progress_lib.Progress) -> None:
+  img_per_s, eta = progress.rate(step)
+  writer.write_scalars(step, {**{f'train/{k}': v for k, v in summary.items()},
+                              'train/img_per_s': img_per_s})
+  logging.info('step %d/%d: loss %.4f, top-1 err %.2f%%, top-5 err %.2f%%, lr %.3g, '
+               '%s img/s, ETA %s', step, num_steps, summary['loss'],
+               100 * summary['top1_error'], 100 * summary['top5_error'],
+               summary['learning_rate'], progress_lib.rate(img_per_s),
+               progress_lib.duration(eta))
+
+
+def _log_held_out(writer, step: int, held_out: dict) -> None:
+  writer.write_scalars(step, {f'eval/{k}': v for k, v in held_out.items()})
+  logging.info('step %d eval on %d examples: loss %.4f, top-1 err %.2f%%, top-5 err '
+               '%.2f%%', step, held_out['num_examples'], held_out['loss'],
+               100 * held_out['top1_error'], 100 * held_out['top5_error'])
+
+
+def _final_result(workdir: str, config, step: int, held_out: dict) -> dict:
+  """The held-out error at the end of training, written to WORKDIR/eval_metrics.json."""
+  result = {'step': step, 'top1_error': held_out['top1_error'],
+            'top5_error': held_out['top5_error'], 'num_examples': held_out['num_examples']}
   if jax.process_index() == 0:
     (epath.Path(workdir) / 'eval_metrics.json').write_text(json.dumps(result, indent=2))
   logging.info('Final held-out %s: top-1 error %.2f%%, top-5 error %.2f%% over %d images.',

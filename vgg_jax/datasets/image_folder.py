@@ -18,7 +18,8 @@ directory, so a failed preparation leaves nothing that looks prepared.
 
 The dataset's name hashes ROOT's absolute path, strict_data and max_image_pixels, so two folders
 (or two settings) never share a prepared copy. Files added to ROOT later are not seen until the
-prepared copy (its path is logged) is deleted.
+prepared copy (its path is logged) is deleted; a class directory added or removed since is
+refused, naming that copy.
 """
 
 import collections
@@ -38,12 +39,13 @@ import numpy as np
 import tensorflow as tf
 import tensorflow_datasets as tfds
 
+from vgg_jax import default_config
 from vgg_jax import errors
 from vgg_jax.datasets import random_access
 
 
 PREFIX = 'folder:'
-DEFAULT_MAX_IMAGE_PIXELS = 40_000_000
+DEFAULT_MAX_IMAGE_PIXELS = default_config.get_config().max_image_pixels
 # Larger than any photograph: a header claiming more pixels is a decompression bomb.
 BOMB_PIXELS = 1_000_000_000
 BAD_FILES = 'bad_files.json'
@@ -444,6 +446,27 @@ def _log_bad_files(root: str, bad: dict, num_files: int, where: str) -> None:
                     f'\n  ... and {more} more' if more > 0 else '')
 
 
+def _check_classes_unchanged(builder: ImageFolder) -> None:
+  """A ConfigError when ROOT's class directories are no longer those its prepared copy was
+  made from: the copy would train and test on the old classes, and num_classes checks would
+  name the wrong count. (Files added to existing classes are not checked: that needs a scan of
+  every file; the module docstring says how to see them.)"""
+  root = builder.builder_config.root
+  if not os.path.isdir(root):
+    return  # Moved or deleted since: the prepared copy is all there is.
+  prepared = builder.info.features['label'].names
+  now = scan_layout(root).classes
+  if list(now) != list(prepared):
+    added, removed = sorted(set(now) - set(prepared)), sorted(set(prepared) - set(now))
+    change = '; '.join(part for part in (
+        added and f'gained {", ".join(added[:10])}', removed and f'lost {", ".join(removed[:10])}')
+                       if part) or 'reordered its classes'
+    raise errors.ConfigError(
+        f'config.dataset={PREFIX + root!r}: the folder has {len(now)} classes but its prepared '
+        f'copy in {builder.data_dir} has {len(prepared)}: since it was prepared, it {change}. '
+        f'Delete {builder.data_dir} to prepare the folder again with its classes now.')
+
+
 def _log_prepared(builder: ImageFolder) -> None:
   where = os.path.join(builder.data_dir, BAD_FILES)
   try:
@@ -471,19 +494,20 @@ def prepared_builder(config) -> ImageFolder:
     raise errors.ConfigError(
         f'config.dataset={config.dataset!r}: give the folder, e.g. folder:/data/photos, holding '
         'ROOT/<split>/<class>/<image files>.')
-  max_pixels = config.get('max_image_pixels', DEFAULT_MAX_IMAGE_PIXELS)
+  max_pixels = config.max_image_pixels
   if isinstance(max_pixels, bool) or not isinstance(max_pixels, int) or max_pixels <= 0:
     raise errors.ConfigError(
         f'config.max_image_pixels={max_pixels!r}: must be a positive int, e.g. 40_000_000.')
-  builder = ImageFolder(config=builder_config(root, config.get('strict_data', False), max_pixels),
+  builder = ImageFolder(config=builder_config(root, config.strict_data, max_pixels),
                         data_dir=config.data_dir)
   if builder.is_prepared():
+    _check_classes_unchanged(builder)
     _log_prepared(builder)
   else:
-    random_access.prepare(builder, random_access.split_names(config.get('train_split')))
+    random_access.prepare(builder, random_access.split_names(config.train_split))
   splits = builder.info.splits.keys()
   for field in ('train_split', 'eval_split'):
-    spec = config.get(field)
+    spec = config[field]
     missing = [name for name in random_access.split_names(spec) if name not in splits]
     if missing:
       raise errors.ConfigError(
