@@ -18,7 +18,7 @@ PACKAGE = os.path.join(REPO, 'vgg_jax')
 # normalisation) and the kernels the net runs on; 2: steps and data; 3: state and evaluation;
 # 4: jobs (the training loop, the CLIs, the notebook API); 5: entry.
 LAYERS = {
-    'errors': 0, 'default_config': 0, 'progress': 0, 'cli': 0,
+    'errors': 0, 'user_cache': 0, 'default_config': 0, 'progress': 0, 'cli': 0,
     'ops': 1, 'winograd': 1, 'models': 1, 'protocol': 1, 'preprocess': 1,
     'steps': 2, 'input_pipeline': 2, 'datasets': 2,
     'checkpoints': 3, 'run_files': 3, 'init_from': 3, 'evaluation': 3, 'report': 3, 'config_validation': 3,

@@ -25,13 +25,6 @@ def dataset_name(dataset: str) -> str:
   return dataset.split(':')[0].split('/')[0]
 
 
-def cache_dir() -> str:
-  """vgg_jax's per-user cache ($XDG_CACHE_HOME/vgg_jax, else ~/.cache/vgg_jax): compiled
-  kernels, and the default config.random_access_dir."""
-  base = os.environ.get('XDG_CACHE_HOME') or os.path.join(os.path.expanduser('~'), '.cache')
-  return os.path.join(base, 'vgg_jax')
-
-
 def is_local_path(path: str) -> bool:
   """Whether `path` is a file system path rather than a URL (gs://...): ArrayRecord opens
   only those."""

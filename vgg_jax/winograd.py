@@ -41,8 +41,8 @@ from jax.interpreters import mlir
 import jax.numpy as jnp
 import numpy as np
 
-from vgg_jax import default_config
 from vgg_jax import ops
+from vgg_jax import user_cache
 
 SOURCE = os.path.join(os.path.dirname(os.path.abspath(__file__)), 'winograd.cc')
 # FFI handler -> the symbol winograd.cc exports; registered as custom-call target
@@ -124,7 +124,7 @@ def cache_folder() -> Optional[str]:
   """$XDG_CACHE_HOME/vgg_jax (default ~/.cache/vgg_jax), created private (0700), where the
   compiled libraries are kept; None where it cannot be made, or is not private (`_private`):
   a library there is loaded into this process, so no one else may be able to put one there."""
-  folder = default_config.cache_dir()
+  folder = user_cache.cache_dir()
   try:
     os.makedirs(folder, mode=0o700, exist_ok=True)
   except OSError as e:

@@ -39,6 +39,7 @@ import tensorflow_datasets as tfds
 
 from vgg_jax import default_config
 from vgg_jax import errors
+from vgg_jax import user_cache
 
 ARRAY_RECORD = tfds.core.FileFormat.ARRAY_RECORD
 WRITER_OPTIONS = 'group_size:1'  # One record per chunk: each read decodes only its record.
@@ -48,7 +49,7 @@ TEMPORARY = '.tmp-'  # In the name of a file being written: '.NAME.tmp-HOST-PID-
 
 def default_dir() -> str:
   """Where copies go when config.random_access_dir is None: this host's cache."""
-  return os.path.join(default_config.cache_dir(), 'random_access')
+  return os.path.join(user_cache.cache_dir(), 'random_access')
 
 
 def split_names(spec: str) -> tuple[str, ...]:
